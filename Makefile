@@ -1,0 +1,44 @@
+# ddpzero_lab: two commands.
+#   make lab    set up .venv if needed, open JupyterLab on notebooks/
+#   make test   set up .venv if needed, run tests/ and execute every notebook (smoke sizes)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ddpzero-installed
+LAB_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: lab test venv lint format bench clean
+
+venv: $(STAMP)
+
+# pip, not uv: pip honours the machine's own pip configuration (a local wheel mirror, version
+# caps), and on a learner's machine it picks the torch build that fits (CUDA on Linux, MPS or
+# CPU on macOS). torch and torchvision are installed in one resolve so that they match.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev,lab]'
+	$(BIN)/python -c "import torch, torchvision; m = torchvision.models.resnet18(); m(torch.randn(1, 3, 32, 32)).sum().backward(); print('torch', torch.__version__, 'torchvision', torchvision.__version__, ': resnet18 forward+backward ok')"
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 $(LAB_ARGS)
+
+# One pytest run: the unit and fault tests, then every notebook under nbval in smoke mode.
+test: $(STAMP)
+	DDPZERO_SMOKE=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cluster_startup.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

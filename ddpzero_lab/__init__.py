@@ -1,0 +1,12 @@
+"""ddpzero_lab: see data parallelism and ZeRO work on a live torch.distributed cluster.
+
+This module only re-exports the public API (DESIGN.md §3).
+"""
+
+from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
+from .telemetry import emit
+
+__version__ = "0.1.0"
+
+__all__ = ["ClusterError", "Job", "LiveCluster", "RankError", "device", "emit", "rank",
+           "world_size"]

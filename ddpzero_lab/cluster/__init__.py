@@ -1,0 +1,8 @@
+"""The live cluster: persistent torch.distributed workers (see cluster.py)."""
+
+from .cluster import Job, LiveCluster
+from .context import device, in_worker, rank, world_size
+from .errors import ClusterError, RankError, RankFailure
+
+__all__ = ["ClusterError", "Job", "LiveCluster", "RankError", "RankFailure", "device",
+           "in_worker", "rank", "world_size"]

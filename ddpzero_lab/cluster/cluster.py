@@ -1,0 +1,821 @@
+"""LiveCluster: persistent torch.distributed workers driven from a notebook or a script.
+
+This module owns the parent's side: starting the workers (forkserver or spawn, never fork),
+sending them tasks, collecting results and events on one consumer thread, turning every
+failure into a RankError that names the ranks, recovering (restart) when the process group
+can no longer be trusted, interrupts, and teardown. It knows no widgets: `dashboard=` is any
+object with the `telemetry.EventConsumer` interface.
+
+Failure policy, in one place:
+  * fn raises on some ranks: the others get `grace` seconds to finish on their own, then are
+    cancelled; a rank that does not respond is stuck (in a collective, usually) and is ended.
+  * After a failed or cancelled job the cluster compares the ranks' process-group sequence
+    numbers; if any rank was ended, died, or the ranks disagree (one did a collective the
+    others did not), the process group can never agree again, so the workers are replaced.
+    Otherwise the workers, and the state they hold, are kept.
+  * A hung collective is ended by the process group's own timeout (`timeout`), which raises
+    on the waiting rank; a dead rank is seen at once through its process sentinel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import cloudpickle
+
+from .. import telemetry
+from . import worker
+from .errors import (
+    ClusterError,
+    RankError,
+    RankFailure,
+    code_files,
+    describe_exitcode,
+    restore_source,
+)
+
+BACKENDS = ("auto", "gloo", "nccl")
+# Resident memory of one idle worker with torch imported, measured on Linux x86_64 (CPU
+# build: about 0.3 GB). Used only to refuse a world size the machine cannot hold.
+_WORKER_BYTES_ESTIMATE = 350 * 1024**2
+_CANCEL_GRACE_S = 1.5
+
+
+@dataclass
+class _Outcome:
+    status: str  # "ok" | "error" | "cancelled" | "died" | "stuck"
+    payload: Any = None
+    seq: int | None = None
+    exitcode: int | None = None
+
+
+class _Generation:
+    """One set of worker processes and their process group. A restart makes a new one."""
+
+    def __init__(self, number: int, world_size: int):
+        self.number = number
+        self.world_size = world_size
+        self.procs: dict[int, mp.process.BaseProcess] = {}
+        self.conns: dict[int, Any] = {}
+        self.send_locks = {rank: threading.Lock() for rank in range(world_size)}
+        self.store_dir = tempfile.mkdtemp(prefix="ddpzero-")
+        self.cond = threading.Condition()
+        self.ready: dict[int, dict] = {}
+        self.startup_errors: dict[int, str] = {}
+        self.dead: dict[int, int | None] = {}
+        self.eof: set[int] = set()
+        self.broken: str | None = None
+        self.stopping = False
+
+    def send(self, rank: int, message: tuple) -> bool:
+        conn = self.conns.get(rank)
+        if conn is None or rank in self.dead:
+            return False
+        try:
+            with self.send_locks[rank]:
+                conn.send(message)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def stop(self, graceful: bool) -> None:
+        self.stopping = True
+        if graceful:
+            for rank in self.conns:
+                self.send(rank, ("shutdown",))
+            deadline = time.monotonic() + 2.0
+            for proc in self.procs.values():
+                proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()  # by pid: only processes this cluster started
+        for proc in self.procs.values():
+            proc.join(2.0)
+        for conn in self.conns.values():
+            try:
+                conn.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+class _Hub:
+    """State shared between callers' threads and the single consumer thread.
+
+    It holds no reference to the LiveCluster, so a cluster that a notebook drops (by
+    re-running `cluster = LiveCluster(...)`) is collected, and its finalizer ends the workers.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.gen: _Generation | None = None
+        self.jobs: dict[int, Job] = {}
+        self.log = telemetry.EventLog()  # events emitted outside any job
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_r, self.wake_w = mp.Pipe(duplex=False)
+        self.closed = False
+        self.thread = threading.Thread(target=_consume, args=(self,), name="ddpzero-consumer",
+                                       daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        try:
+            self.wake_w.send(None)
+        except (OSError, ValueError):
+            pass
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on the consumer thread (dashboard callbacks live there, and only there)."""
+        self.calls.put(fn)
+        self.wake()
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.closed = True
+            gen, self.gen = self.gen, None
+        self.wake()
+        if gen is not None:
+            gen.stop(graceful=True)
+        if self.thread is not threading.current_thread():
+            self.thread.join(5.0)
+
+
+def _consume(hub: _Hub) -> None:
+    """The one consumer thread: reads every worker's pipe, notices dead workers, runs
+    dashboard callbacks. It never prints."""
+    while True:
+        with hub.lock:
+            if hub.closed:
+                return
+            gen = hub.gen
+            watch: dict[Any, tuple[str, int]] = {}
+            if gen is not None:
+                for rank, conn in gen.conns.items():
+                    if rank not in gen.eof:
+                        watch[conn] = ("conn", rank)
+                for rank, proc in gen.procs.items():
+                    if rank not in gen.dead:
+                        watch[proc.sentinel] = ("proc", rank)
+        try:
+            ready = mp.connection.wait([*watch, hub.wake_r], timeout=1.0)
+        except (OSError, ValueError):
+            time.sleep(0.01)  # a pipe closed under us during a restart; rebuild the list
+            continue
+        for obj in ready:
+            if obj is hub.wake_r:
+                _drain_wakeups(hub)
+                continue
+            what, rank = watch[obj]
+            if what == "conn":
+                _read_one(hub, gen, rank)
+            else:
+                # The process ended: read what it sent before dying, then record the death.
+                conn = gen.conns[rank]
+                while rank not in gen.eof and _poll(conn):
+                    _read_one(hub, gen, rank)
+                _on_death(hub, gen, rank, gen.procs[rank].exitcode)
+
+
+def _poll(conn) -> bool:
+    try:
+        return conn.poll()
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def _drain_wakeups(hub: _Hub) -> None:
+    while _poll(hub.wake_r):
+        try:
+            hub.wake_r.recv()
+        except (EOFError, OSError):
+            break
+    while True:
+        try:
+            fn = hub.calls.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - a faulty callback must not kill the consumer
+            pass
+
+
+def _read_one(hub: _Hub, gen: _Generation, rank: int) -> None:
+    try:
+        message = gen.conns[rank].recv()
+    except (EOFError, OSError, ValueError):
+        gen.eof.add(rank)
+        return
+    except Exception:  # noqa: BLE001 - an unreadable message: drop it, keep reading
+        return
+    kind = message[0]
+    if kind == "event":
+        _, job_id, event = message
+        job = hub.jobs.get(job_id) if job_id is not None else None
+        if job is not None and job._gen is gen:
+            job._on_event(event)
+        else:
+            hub.log.append(event)
+    elif kind == "result":
+        _, job_id, rank, status, payload, seq = message
+        job = hub.jobs.get(job_id)
+        if job is not None and job._gen is gen:
+            job._on_outcome(rank, _Outcome(status, payload, seq))
+    elif kind in ("ready", "startup_error"):
+        with gen.cond:
+            if kind == "ready":
+                gen.ready[rank] = message[2]
+            else:
+                gen.startup_errors[rank] = message[2]
+            gen.cond.notify_all()
+
+
+def _on_death(hub: _Hub, gen: _Generation, rank: int, exitcode: int | None) -> None:
+    with gen.cond:
+        gen.dead[rank] = exitcode
+        gen.eof.add(rank)
+        if not gen.stopping and gen.broken is None:
+            gen.broken = f"rank {rank} died ({describe_exitcode(exitcode)})"
+        gen.cond.notify_all()
+    if gen.stopping:
+        return
+    for job in list(hub.jobs.values()):
+        if job._gen is gen:
+            job._on_outcome(rank, _Outcome("died", exitcode=exitcode))
+
+
+class Job:
+    """A function running on every rank. Returned by `LiveCluster.submit`.
+
+    `wait(timeout=None)` returns the per-rank results (a list indexed by rank) or raises
+    RankError; `done()` says whether every rank has finished; `events` are the telemetry
+    events the ranks emitted so far (readable while the job runs); `cancel()` stops it.
+    """
+
+    def __init__(self, cluster: LiveCluster, gen: _Generation, job_id: int, name: str,
+                 dashboard: telemetry.EventConsumer | None, files: dict[str, str] | None = None):
+        self.id = job_id
+        self._files = files or {}
+        self.name = name
+        self.world_size = gen.world_size
+        self.submitted_at = time.time()
+        self._cluster_ref = weakref.ref(cluster)
+        self._hub = cluster._hub
+        self._grace = cluster.grace
+        self._gen = gen
+        self._dashboard = dashboard
+        self._log = telemetry.EventLog()
+        self._cond = threading.Condition()
+        self._outcomes: list[_Outcome | None] = [None] * gen.world_size
+        self._first_failure: float | None = None
+        self._settled = False
+        self._ended_notified = False
+        self._results: list | None = None
+        self._error: BaseException | None = None
+        self.consumer_errors: list[str] = []
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"<Job {self.id} {self.name!r} {state}, {len(self._log)} events>"
+
+    # -- read by the learner --------------------------------------------------------------
+    @property
+    def events(self) -> list[telemetry.Event]:
+        """The events received so far, in arrival order (a snapshot)."""
+        return self._log.snapshot()
+
+    def done(self) -> bool:
+        with self._cond:
+            return self._settled or all(o is not None for o in self._outcomes)
+
+    def wait(self, timeout: float | None = None) -> list:
+        """Block until every rank has finished; return the results, indexed by rank.
+
+        Raises RankError if any rank failed (after recovering the cluster where needed) and
+        TimeoutError if `timeout` seconds pass first (the job keeps running). A
+        KeyboardInterrupt cancels the job on every rank, recovers the cluster, and is re-raised.
+        """
+        if timeout is not None and (not isinstance(timeout, Real) or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._cond:
+                while not self._settled:
+                    if all(o is not None for o in self._outcomes):
+                        break
+                    now = time.monotonic()
+                    if self._first_failure is not None and now - self._first_failure >= self._grace:
+                        break
+                    if deadline is not None and now >= deadline:
+                        raise TimeoutError(
+                            f"job {self.id} ({self.name}) is still running after {timeout} s; "
+                            "it goes on: call job.wait() again, or job.cancel() to stop it"
+                        )
+                    self._cond.wait(0.1 if deadline is None else min(0.1, deadline - now))
+            self._settle(interrupted=False)
+        except KeyboardInterrupt:
+            self._settle(interrupted=True)
+            raise
+        return self._final()
+
+    def cancel(self) -> None:
+        """Stop the job on every rank (ranks stuck in a collective are ended and replaced)."""
+        self._settle(interrupted=True)
+
+    # -- called by the consumer thread ----------------------------------------------------
+    def _on_event(self, event: telemetry.Event) -> None:
+        self._log.append(event)
+        if self._dashboard is not None:
+            try:
+                self._dashboard.on_event(event)
+            except Exception as exc:  # noqa: BLE001 - recorded, shown by wait()
+                if len(self.consumer_errors) < 10:
+                    self.consumer_errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _on_outcome(self, rank: int, outcome: _Outcome) -> None:
+        with self._cond:
+            if self._outcomes[rank] is not None and outcome.status != "died":
+                return
+            if self._outcomes[rank] is not None and self._outcomes[rank].status != "stuck":
+                return  # already reported; a later death (e.g. after restart) changes nothing
+            self._outcomes[rank] = outcome
+            if outcome.status != "ok" and self._first_failure is None:
+                self._first_failure = time.monotonic()
+            complete = all(o is not None and o.status == "ok" for o in self._outcomes)
+            self._cond.notify_all()
+        if complete:
+            self._notify_end()
+
+    def _notify_end(self) -> None:
+        # Runs on the consumer thread (directly or via call_soon), once.
+        with self._cond:
+            if self._ended_notified:
+                return
+            self._ended_notified = True
+        self._hub.jobs.pop(self.id, None)
+        end = getattr(self._dashboard, "on_job_end", None)
+        if end is not None:
+            try:
+                end(self)
+            except Exception as exc:  # noqa: BLE001
+                self.consumer_errors.append(f"{type(exc).__name__}: {exc}")
+
+    # -- settling: decide the outcome and recover the cluster -----------------------------
+    def _settle(self, interrupted: bool) -> None:
+        cluster = self._cluster_ref()
+        # The cluster's lock serialises settling with submit/restart/close. The hub's lock is
+        # never held while waiting: the consumer thread needs it to deliver the outcomes.
+        with cluster._lock if cluster is not None else contextlib.nullcontext():
+            if self._settled:
+                return
+            pending = [r for r, o in enumerate(self._outcomes) if o is None]
+            if pending and self._gen.number == (cluster._generation if cluster else -1):
+                for rank in pending:
+                    self._gen.send(rank, ("cancel", self.id))
+                deadline = time.monotonic() + _CANCEL_GRACE_S
+                with self._cond:
+                    while any(self._outcomes[r] is None for r in pending):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(min(0.05, left))
+            with self._cond:
+                for rank, outcome in enumerate(self._outcomes):
+                    if outcome is None:
+                        self._outcomes[rank] = _Outcome("stuck")
+                outcomes = list(self._outcomes)
+            stuck = [r for r, o in enumerate(outcomes) if o.status == "stuck"]
+            for rank in stuck:
+                proc = self._gen.procs.get(rank)
+                if proc is not None and proc.is_alive():
+                    proc.kill()
+            failed = [r for r, o in enumerate(outcomes) if o.status != "ok"]
+            reason = None
+            if stuck:
+                reason = f"rank{'s' if len(stuck) > 1 else ''} {_join(stuck)} stuck"
+            elif self._gen.broken:
+                reason = self._gen.broken
+            elif failed:
+                seqs = {o.seq for o in outcomes if o.status in ("ok", "error", "cancelled")}
+                if None in seqs or len(seqs) > 1:
+                    reason = "the ranks left the job having issued different collectives"
+            restarted = False
+            if reason is not None and cluster is not None and not cluster.closed and (
+                cluster._generation == self._gen.number
+            ):
+                cluster._replace_workers(reason)
+                restarted = True
+            self._error = self._build_error(outcomes, interrupted, restarted, reason)
+            self._settled = True
+        self._hub.call_soon(self._notify_end)
+
+    def _build_error(self, outcomes: list[_Outcome], interrupted: bool, restarted: bool,
+                     reason: str | None) -> BaseException | None:
+        failures: dict[int, RankFailure] = {}
+        for rank, o in enumerate(outcomes):
+            if o.status == "ok":
+                continue
+            if o.status == "error":
+                info = o.payload or {}
+                exc = None
+                if info.get("exception") is not None:
+                    try:
+                        exc = cloudpickle.loads(info["exception"])
+                    except Exception:  # noqa: BLE001 - the text is enough
+                        exc = None
+                text = restore_source(info.get("traceback", ""), self._files)
+                failures[rank] = RankFailure(rank, "exception", info.get("type", "?"),
+                                             info.get("message", ""), text, exception=exc)
+            elif o.status == "died":
+                failures[rank] = RankFailure(rank, "died", exitcode=o.exitcode)
+            else:
+                failures[rank] = RankFailure(rank, o.status)
+        if not failures:
+            return None
+        if interrupted and all(f.kind in ("cancelled", "stuck") for f in failures.values()):
+            why = f" ({reason}; workers replaced)" if restarted else ""
+            return ClusterError(f"job {self.id} ({self.name}) was cancelled{why}")
+        ok = [r for r, o in enumerate(outcomes) if o.status == "ok"]
+        note = ""
+        if ok and any(f.is_comm_error for f in failures.values()):
+            waiting = [r for r, f in failures.items() if f.is_comm_error]
+            note = (
+                f"Ranks {_join(ok)} returned normally while rank(s) {_join(waiting)} waited in a "
+                "collective: every rank must call the same collectives in the same order "
+                "(did one rank skip one?)."
+            )
+        return RankError(failures, self.world_size, job_name=f"job {self.id} ({self.name})",
+                         results=self._load_results(outcomes, strict=False),
+                         restarted=restarted, note=note)
+
+    def _load_results(self, outcomes: list[_Outcome], strict: bool) -> list:
+        results = []
+        for o in outcomes:
+            if o is not None and o.status == "ok":
+                try:
+                    results.append(cloudpickle.loads(o.payload))
+                except Exception as exc:  # noqa: BLE001
+                    if strict:
+                        raise ClusterError(
+                            f"a result of job {self.id} could not be unpickled in this process "
+                            f"({type(exc).__name__}: {exc}); return plain values"
+                        ) from exc
+                    results.append(None)
+            else:
+                results.append(None)
+        return results
+
+    def _final(self) -> list:
+        if self.consumer_errors:
+            warnings.warn(
+                f"the dashboard raised while consuming events of job {self.id}: "
+                + "; ".join(self.consumer_errors[:3]),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.consumer_errors = []
+        if self._error is not None:
+            raise self._error
+        if self._results is None:
+            self._results = self._load_results(self._outcomes, strict=True)
+        return self._results
+
+
+def _join(ranks) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Start a worker without re-running the caller's main script in it.
+
+    multiprocessing (spawn, forkserver) normally imports the parent's `__main__` in each
+    child, so that functions defined there can be found by name. ddpzero_lab never needs it:
+    fn travels by value (cloudpickle) and the worker's entry point lives in this package. Not
+    importing it makes start-up faster and lets a plain script without an
+    `if __name__ == "__main__":` guard start a cluster.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main and k in main.__dict__}
+    try:
+        for key in saved:
+            if key == "__spec__":
+                main.__spec__ = None
+            else:
+                del main.__dict__[key]
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
+def _has_forkserver() -> bool:
+    return "forkserver" in mp.get_all_start_methods()
+
+
+_forkserver_ctx = None
+
+
+def _context(start_method: str):
+    global _forkserver_ctx
+    if start_method == "forkserver":
+        if _forkserver_ctx is None:
+            _forkserver_ctx = mp.get_context("forkserver")
+            # The forkserver imports torch once; each rank then starts by fork from it in about
+            # 0.1 s instead of importing torch again (seconds), which makes restart() cheap.
+            _forkserver_ctx.set_forkserver_preload(["torch", "torch.distributed",
+                                                    "ddpzero_lab.cluster.worker"])
+        return _forkserver_ctx
+    return mp.get_context(start_method)
+
+
+def _check_number(name: str, value: Any, minimum: float, integer: bool = False) -> None:
+    kind = int if integer else Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+class LiveCluster:
+    """`world_size` persistent worker processes, each rank of one torch.distributed group.
+
+        with dzl.LiveCluster(world_size=4) as cluster:
+            cluster.run(lambda: dzl.rank())          # -> [0, 1, 2, 3]
+
+    backend: "auto" (nccl when there are at least world_size GPUs, else gloo), "gloo", "nccl".
+    timeout: seconds a collective may wait before it fails (the process group's timeout); a
+        rank that skipped a collective makes the others fail after this long.
+    threads_per_rank: torch intra-op threads in each rank, set once at start.
+    grace: seconds the other ranks get to finish after one rank failed.
+    start_method: "forkserver" (default where available) or "spawn"; "fork" is refused.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        backend: str = "auto",
+        *,
+        timeout: float = 30.0,
+        threads_per_rank: int = 1,
+        grace: float = 2.0,
+        start_method: str | None = None,
+        start_timeout: float = 120.0,
+    ):
+        _check_number("world_size", world_size, 1, integer=True)
+        cap = os.environ.get("DDPZERO_MAX_WORLD_SIZE")
+        if cap and cap.isdigit() and world_size > int(cap):
+            raise ValueError(
+                f"world_size={world_size} is above this machine's cap of {cap} ranks "
+                "(DDPZERO_MAX_WORLD_SIZE, set where memory is small, e.g. on mybinder); "
+                f"use world_size<={cap}"
+            )
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_number("timeout", timeout, 0.1)
+        _check_number("threads_per_rank", threads_per_rank, 1, integer=True)
+        _check_number("grace", grace, 0)
+        _check_number("start_timeout", start_timeout, 1)
+        if start_method is None:
+            start_method = "forkserver" if _has_forkserver() else "spawn"
+        if start_method == "fork":
+            raise ValueError(
+                "start_method='fork' is not supported: forking a multi-threaded process (a "
+                "Jupyter kernel, or one that has used CUDA) can deadlock; use 'forkserver' or "
+                "'spawn'"
+            )
+        if start_method not in mp.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {mp.get_all_start_methods()}, got {start_method!r}"
+            )
+        self.world_size = world_size
+        self.backend = self._resolve_backend(backend, world_size)
+        self.timeout = float(timeout)
+        self.threads_per_rank = threads_per_rank
+        self.grace = float(grace)
+        self.start_method = start_method
+        self.start_timeout = float(start_timeout)
+        self._check_memory(world_size)
+        self._ctx = _context(start_method)
+        self._hub = _Hub()
+        self._generation = 0
+        self._job_ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self.closed = False
+        self.info: list[dict] = []
+        self._finalizer = weakref.finalize(self, _Hub.shutdown, self._hub)
+        try:
+            self._start_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up -------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_backend(backend: str, world_size: int) -> str:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if backend == "auto":
+            return "nccl" if gpus >= world_size else "gloo"
+        if backend == "nccl" and gpus < world_size:
+            raise ValueError(
+                f"backend='nccl' needs one GPU per rank: world_size={world_size} but "
+                f"{gpus} GPU(s) are visible; use backend='gloo' (CPU) or a smaller world_size"
+            )
+        return backend
+
+    @staticmethod
+    def _check_memory(world_size: int) -> None:
+        try:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        except Exception:  # noqa: BLE001 - no way to tell: let the OS decide
+            return
+        need = world_size * _WORKER_BYTES_ESTIMATE
+        if need > available:
+            raise ValueError(
+                f"world_size={world_size} needs about {need / 1e9:.1f} GB for the workers alone "
+                f"(~{_WORKER_BYTES_ESTIMATE / 1e9:.2f} GB each) but {available / 1e9:.1f} GB "
+                "is available; choose a smaller world_size"
+            )
+
+    def _start_workers(self) -> None:
+        self._generation += 1
+        gen = _Generation(self._generation, self.world_size)
+        store_path = os.path.join(gen.store_dir, "store")
+        env = dict(os.environ)
+        for rank in range(self.world_size):
+            parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+            proc = self._ctx.Process(
+                target=worker.main,
+                args=(rank, self.world_size, self.backend, store_path, self.timeout,
+                      self.threads_per_rank, child_conn, env),
+                name=f"ddpzero-rank{rank}",
+                # daemon: multiprocessing ends the workers at interpreter exit as a last resort
+                # (the worker lifts the flag on itself so it may start DataLoader workers).
+                daemon=True,
+            )
+            with _main_module_hidden():
+                proc.start()
+            child_conn.close()  # so that the parent sees end-of-file when the worker dies
+            gen.procs[rank] = proc
+            gen.conns[rank] = parent_conn
+        with self._hub.lock:
+            self._hub.gen = gen
+        self._hub.wake()
+        deadline = time.monotonic() + self.start_timeout
+        with gen.cond:
+            while len(gen.ready) < self.world_size and not gen.startup_errors and not gen.dead:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                gen.cond.wait(min(0.2, left))
+            ready, errors, dead = dict(gen.ready), dict(gen.startup_errors), dict(gen.dead)
+        if len(ready) < self.world_size:
+            gen.stop(graceful=False)
+            with self._hub.lock:
+                self._hub.gen = None
+            if errors:
+                rank, text = min(errors.items())
+                raise ClusterError(
+                    f"rank {rank} could not join the process group ({self.backend}):\n{text}"
+                )
+            if dead:
+                rank, code = min(dead.items())
+                raise ClusterError(
+                    f"rank {rank} died while starting ({describe_exitcode(code)}); check memory "
+                    "and that ddpzero_lab imports in a fresh Python process"
+                )
+            missing = [r for r in range(self.world_size) if r not in ready]
+            raise ClusterError(
+                f"ranks {_join(missing)} did not start within {self.start_timeout:.0f} s; "
+                "the machine may be overloaded: try a smaller world_size or a larger start_timeout"
+            )
+        self.info = [ready[r] for r in range(self.world_size)]
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the current workers, indexed by rank."""
+        gen = self._hub.gen
+        return [] if gen is None else [gen.procs[r].pid for r in range(self.world_size)]
+
+    @property
+    def generation(self) -> int:
+        """How many sets of workers this cluster has started (1 + the number of restarts)."""
+        return self._generation
+
+    @property
+    def events(self) -> list[telemetry.Event]:
+        """Events emitted outside any job (e.g. by a background thread in a rank)."""
+        return self._hub.log.snapshot()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"generation {self._generation}, pids {self.pids}"
+        return (f"LiveCluster(world_size={self.world_size}, backend={self.backend!r}, "
+                f"{state})")
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(self, fn: Callable, *args: Any, dashboard: telemetry.EventConsumer | None = None,
+               **kwargs: Any) -> Job:
+        """Start fn(*args, **kwargs) on every rank and return a Job without waiting."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if dashboard is not None and not callable(getattr(dashboard, "on_event", None)):
+            raise TypeError("dashboard must have an on_event(event) method (a dzl.Dashboard)")
+        try:
+            payload = cloudpickle.dumps((fn, args, kwargs))
+        except Exception as exc:  # noqa: BLE001
+            raise TypeError(
+                f"fn and its arguments must be picklable to reach the ranks "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        with self._lock:
+            if self.closed:
+                raise ClusterError("this LiveCluster is closed; start a new one")
+            gen = self._hub.gen
+            if gen is None or gen.broken:
+                why = gen.broken if gen is not None else "it has no workers"
+                warnings.warn(f"replacing the cluster's workers before this job: {why}",
+                              RuntimeWarning, stacklevel=2)
+                self._replace_workers(why)
+                gen = self._hub.gen
+            name = getattr(fn, "__qualname__", None) or type(fn).__name__
+            job = Job(self, gen, next(self._job_ids), name, dashboard, code_files(fn))
+            self._hub.jobs[job.id] = job
+            start = getattr(dashboard, "on_job_start", None)
+            if start is not None:
+                self._hub.call_soon(lambda: start(job))
+            for rank in range(self.world_size):
+                if not gen.send(rank, ("task", job.id, payload)):
+                    job._on_outcome(rank, _Outcome("died", exitcode=gen.procs[rank].exitcode))
+            return job
+
+    def run(self, fn: Callable, *args: Any, dashboard: telemetry.EventConsumer | None = None,
+            **kwargs: Any) -> list:
+        """Run fn(*args, **kwargs) on every rank and return the results, indexed by rank.
+
+        A failure on any rank raises RankError; Ctrl-C / Jupyter's interrupt cancels the job on
+        every rank and leaves the cluster usable.
+        """
+        return self.submit(fn, *args, dashboard=dashboard, **kwargs).wait()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _replace_workers(self, reason: str) -> None:
+        with self._lock:
+            with self._hub.lock:
+                old, self._hub.gen = self._hub.gen, None
+            if old is not None:
+                old.stop(graceful=False)
+                for job in list(self._hub.jobs.values()):
+                    if job._gen is old:
+                        with job._cond:
+                            for rank, outcome in enumerate(job._outcomes):
+                                if outcome is None:
+                                    job._outcomes[rank] = _Outcome("cancelled")
+                            job._cond.notify_all()
+                        if job._first_failure is None:
+                            job._first_failure = time.monotonic()
+            self._start_workers()
+
+    def restart(self) -> None:
+        """Replace every worker with a fresh one and a fresh process group (after a fault, or
+        to start clean). Running jobs are cancelled; state held in workers is gone."""
+        if self.closed:
+            raise ClusterError("this LiveCluster is closed; start a new one")
+        self._replace_workers("restart() was called")
+
+    def close(self) -> None:
+        """Stop every worker (idempotent). Running jobs are cancelled."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            for job in list(self._hub.jobs.values()):
+                for rank in range(self.world_size):
+                    job._gen.send(rank, ("cancel", job.id))
+        self._finalizer()
+
+    def __enter__(self) -> LiveCluster:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,264 @@
+"""The rank's side of a LiveCluster: start-up, the task loop, cancellation and events.
+
+A worker is started once (forkserver or spawn, never fork) and then runs tasks sent by the
+parent until it is told to stop or the parent disappears. It owns nothing the parent needs to
+clean up: it dies with the parent (parent-death signal on Linux, and end-of-file on its pipe
+everywhere).
+
+Messages on the worker's pipe, parent -> worker:
+    ("task", job_id, payload)   payload: cloudpickle of (fn, args, kwargs)
+    ("cancel", job_id)          stop that job if it is running or queued
+    ("shutdown",)
+worker -> parent:
+    ("ready", rank, info) | ("startup_error", rank, traceback_text)
+    ("event", job_id, event)
+    ("result", job_id, rank, status, payload, seq)   status: "ok" | "error" | "cancelled"
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import multiprocessing
+import datetime
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+import torch
+
+from .. import telemetry
+from . import context
+
+# SIGUSR1 carries "cancel the running job" from the worker's own reader thread to its main
+# thread. A real signal (not a simulated one) so that it also breaks a sleep or a blocking read.
+_CANCEL_SIGNAL = getattr(signal, "SIGUSR1", None)
+
+
+class JobCancelled(BaseException):
+    """Raised inside fn when the parent cancels the job. A BaseException, so that user code's
+    `except Exception` does not swallow it."""
+
+
+class _State:
+    def __init__(self) -> None:
+        self.current_job: int | None = None
+        self.cancelled: set[int] = set()
+        self.lock = threading.Lock()
+
+
+def _set_parent_death_signal() -> None:
+    # Linux only: the kernel sends SIGKILL to this process when its parent (the forkserver,
+    # which exits with the notebook kernel) dies. Elsewhere the pipe's end-of-file does it.
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def loopback_interface() -> str:
+    """The name of the loopback interface gloo should bind to ('lo' on Linux, 'lo0' on macOS)."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        names = []
+    for candidate in ("lo", "lo0"):
+        if candidate in names:
+            return candidate
+    return "lo0" if sys.platform == "darwin" else "lo"
+
+
+class _Channel:
+    """The worker's end of its pipe; sends are serialised because events may come from
+    several threads (autograd hooks, the reader thread)."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.job: int | None = None
+
+    def send(self, message: tuple) -> None:
+        # The cancel signal must not land half-way through a write: the parent would read a
+        # torn message. Blocking it here only delays it to the end of the send.
+        blocked = _CANCEL_SIGNAL is not None and threading.current_thread() is threading.main_thread()
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {_CANCEL_SIGNAL})
+        try:
+            with self.lock:
+                self.conn.send(message)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {_CANCEL_SIGNAL})
+
+    def send_event(self, event: telemetry.Event) -> None:
+        # An event belongs to the job running when it was emitted.
+        self.send(("event", self.job, dataclasses.replace(event, job=self.job)))
+
+
+def _sequence_number() -> int | None:
+    # The process group's count of collectives and point-to-point ops issued. The parent
+    # compares it across ranks after a failed job: ranks that disagree can never meet in a
+    # collective again, so the cluster must be replaced.
+    import torch.distributed as dist
+
+    try:
+        return int(dist.distributed_c10d._get_default_group()._get_sequence_number_for_group())
+    except Exception:
+        return None
+
+
+def _describe_exception(exc: BaseException) -> dict[str, Any]:
+    # Skip the first frame (this module's task loop): the learner's traceback starts in fn.
+    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        pickled = cloudpickle.dumps(exc)
+    except Exception:
+        pickled = None
+    message = str(exc)
+    if isinstance(exc, SystemExit):
+        message = f"fn called sys.exit({exc.code!r})"
+    return {"type": type(exc).__name__, "message": message, "traceback": text,
+            "exception": pickled}
+
+
+def main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: float,
+         threads: int, conn, env: dict[str, str]) -> None:
+    """Entry point of a worker process."""
+    # Jupyter's interrupt sends SIGINT to the kernel's whole process group, workers included.
+    # Workers ignore it; the parent turns the interrupt into an orderly cancel.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal()
+    # The parent starts workers as daemons (so multiprocessing ends them at exit as a last
+    # resort); a daemon may not have children, but a rank may need DataLoader workers.
+    multiprocessing.current_process().daemon = False
+    # A forkserver child inherits the environment the forkserver started with, not the
+    # parent's current one: take the parent's, as a spawned process would.
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("DDPZERO_SOCKET_IFNAME",
+                                                      loopback_interface())
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", os.environ["GLOO_SOCKET_IFNAME"])
+    # Set once, before any parallel op: changing the thread count later slows every op.
+    torch.set_num_threads(threads)
+
+    channel = _Channel(conn)
+    state = _State()
+    try:
+        import torch.distributed as dist
+
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            dev = torch.device("cuda", rank)
+        else:
+            dev = torch.device("cpu")
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **({"device_id": dev} if backend == "nccl" else {}),
+        )
+        context.set_context(context.RankContext(rank, world_size, dev, backend))
+        telemetry.set_sink(channel.send_event)
+    except BaseException:
+        channel.send(("startup_error", rank, traceback.format_exc()))
+        os._exit(1)
+
+    if _CANCEL_SIGNAL is not None:
+        def _on_cancel(signum, frame):
+            # Only a cancel for the job running right now interrupts; a late one is dropped.
+            job = state.current_job
+            if job is not None and job in state.cancelled:
+                raise JobCancelled()
+
+        signal.signal(_CANCEL_SIGNAL, _on_cancel)
+
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
+    main_thread = threading.main_thread().ident
+
+    def reader() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                # The parent is gone (kernel died or was killed): nobody can use us any more.
+                os._exit(0)
+            if message[0] == "task":
+                tasks.put(message[1:])
+            elif message[0] == "cancel":
+                job_id = message[1]
+                with state.lock:
+                    state.cancelled.add(job_id)
+                    running = state.current_job == job_id
+                if running and _CANCEL_SIGNAL is not None:
+                    signal.pthread_kill(main_thread, _CANCEL_SIGNAL)
+            elif message[0] == "shutdown":
+                tasks.put(None)
+                return
+
+    threading.Thread(target=reader, name="ddpzero-reader", daemon=True).start()
+    channel.send(("ready", rank, {"pid": os.getpid(), "device": str(dev), "backend": backend,
+                                  "threads": torch.get_num_threads(), "time": time.time()}))
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        job_id, payload = task
+        status, out = _run_task(job_id, payload, rank, channel, state)
+        channel.send(("result", job_id, rank, status, out, _sequence_number()))
+    # Skip interpreter teardown: nothing to flush, and a peer may already be gone.
+    os._exit(0)
+
+
+def _run_task(job_id: int, payload: bytes, rank: int, channel: _Channel,
+              state: _State) -> tuple[str, Any]:
+    with state.lock:
+        if job_id in state.cancelled:
+            return "cancelled", None
+    status, out = "cancelled", None
+    try:
+        try:
+            channel.job = job_id
+            state.current_job = job_id
+            fn, args, kwargs = cloudpickle.loads(payload)
+            value = fn(*args, **kwargs)
+            status, out = "ok", value
+        except JobCancelled:
+            status, out = "cancelled", None
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            status, out = "error", _describe_exception(exc)
+        finally:
+            state.current_job = None
+    except JobCancelled:
+        # The cancel signal landed between fn's return and the reset above: keep the outcome.
+        state.current_job = None
+    channel.job = None
+    if status == "ok":
+        try:
+            out = cloudpickle.dumps(out)
+        except Exception as exc:  # noqa: BLE001
+            status = "error"
+            out = {
+                "type": "PicklingError",
+                "message": (
+                    f"the value fn returned on rank {rank} ({type(out).__name__}) cannot be "
+                    f"pickled ({type(exc).__name__}: {exc}); return numbers, strings, CPU "
+                    f"tensors or lists/dicts of them"
+                ),
+                "traceback": "",
+                "exception": None,
+            }
+    return status, out

@@ -1,0 +1,166 @@
+"""Telemetry: the events a rank emits and the parent-side log that collects them.
+
+This module owns the `Event` record, `emit()` (called inside a rank, or in a plain process),
+the thread-safe `EventLog` a job keeps, and the small consumer interface that dashboards
+implement. It knows nothing about processes: the cluster installs a *sink* in each worker that
+ships events to the parent, and without one events land in a process-local log, so code that
+emits works the same in a notebook, a test or under torchrun.
+
+Events are small: numbers, short strings and flat lists/dicts of them, never tensors (a tensor
+would drag its storage through the pipe on every step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, runtime_checkable
+
+# The kinds DESIGN.md §4 defines. Other kinds are allowed (lessons add their own); these names
+# and their fields are a contract with the dashboards, so they are listed here once.
+KNOWN_KINDS = ("collective", "memory", "shard_map", "step", "loss", "log")
+
+_RESERVED_FIELDS = ("kind", "rank", "time")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One telemetry record: what happened (`kind`), on which rank, when, and its fields.
+
+    `time` is wall-clock seconds (`time.time()`), comparable across the processes of one
+    machine, which is what a per-rank timeline needs.
+    """
+
+    kind: str
+    rank: int
+    time: float
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    job: int | None = None
+
+    def __getitem__(self, name: str) -> Any:
+        if name == "kind":
+            return self.kind
+        if name == "rank":
+            return self.rank
+        if name == "time":
+            return self.time
+        return self.fields[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "time": self.time, **self.fields}
+
+
+@runtime_checkable
+class EventConsumer(Protocol):
+    """What `cluster.run(..., dashboard=d)` needs of `d`.
+
+    `on_event` is called from the cluster's single consumer thread, once per event, in arrival
+    order. It must be quick and must not print (output from a background thread lands in
+    whichever notebook cell runs next): set widget state, append to a list. Optional methods
+    `on_job_start(job)` and `on_job_end(job)` are called when present.
+    """
+
+    def on_event(self, event: Event) -> None: ...
+
+
+class EventLog:
+    """A thread-safe, append-only list of events, readable while it grows."""
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._lock = threading.Lock()
+
+    def append(self, event: Event) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def snapshot(self) -> list[Event]:
+        with self._lock:
+            return list(self._events)
+
+    def of_kind(self, kind: str) -> list[Event]:
+        return [e for e in self.snapshot() if e.kind == kind]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._events.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.snapshot())
+
+
+# --- the emitting side --------------------------------------------------------------------
+
+# Where emit() sends events. A LiveCluster worker replaces it with a function that ships the
+# event to the parent; a plain process keeps them in `local_log`.
+local_log = EventLog()
+_sink: Callable[[Event], None] = local_log.append
+_default_rank: Callable[[], int] = lambda: 0  # noqa: E731 - replaced by the cluster context
+
+
+def set_sink(sink: Callable[[Event], None] | None) -> None:
+    """Route this process's events to `sink` (None: back to the process-local log)."""
+    global _sink
+    _sink = local_log.append if sink is None else sink
+
+
+def set_rank_source(source: Callable[[], int]) -> None:
+    """Tell emit() how to find this process's rank (the cluster context installs it)."""
+    global _default_rank
+    _default_rank = source
+
+
+def _check_value(name: str, value: Any, depth: int = 0) -> None:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if depth < 3 and isinstance(value, (list, tuple)):
+        for item in value:
+            _check_value(name, item, depth + 1)
+        return
+    if depth < 3 and isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"event field {name!r}: dict keys must be str, got {key!r}")
+            _check_value(name, item, depth + 1)
+        return
+    hint = " (use float(t) or t.tolist())" if type(value).__module__.startswith("torch") else ""
+    raise TypeError(
+        f"event field {name!r} has type {type(value).__name__}: events carry numbers, short "
+        f"strings and lists/dicts of them{hint}"
+    )
+
+
+def make_event(kind: str, fields: dict[str, Any], rank: int | None = None) -> Event:
+    """Validate and build an event; used by emit() and by the parent for its own events."""
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"event kind must be a non-empty str, got {kind!r}")
+    for reserved in _RESERVED_FIELDS:
+        if reserved in fields:
+            raise ValueError(f"event field {reserved!r} is set by emit(); do not pass it")
+    for name, value in fields.items():
+        _check_value(name, value)
+    return Event(kind=kind, rank=_default_rank() if rank is None else rank, time=time.time(),
+                 fields=dict(fields))
+
+
+def emit(kind: str, **fields: Any) -> None:
+    """Record an event of `kind` with `fields` on this rank.
+
+    Inside a LiveCluster job the event reaches the parent (on `job.events` and any dashboard);
+    elsewhere it is appended to `ddpzero_lab.telemetry.local_log`.
+
+        dzl.emit("loss", step=i, loss=float(loss))
+    """
+    _sink(make_event(kind, fields))
