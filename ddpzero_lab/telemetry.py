@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 KNOWN_KINDS = ("collective", "memory", "shard_map", "step", "loss", "log")
 
 _RESERVED_FIELDS = ("kind", "rank", "time")
+_MAX_DEPTH = 6  # shard maps nest: list of params -> dict -> list of ranges -> pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +126,11 @@ def set_rank_source(source: Callable[[], int]) -> None:
 def _check_value(name: str, value: Any, depth: int = 0) -> None:
     if value is None or isinstance(value, (bool, int, float, str)):
         return
-    if depth < 3 and isinstance(value, (list, tuple)):
+    if depth < _MAX_DEPTH and isinstance(value, (list, tuple)):
         for item in value:
             _check_value(name, item, depth + 1)
         return
-    if depth < 3 and isinstance(value, dict):
+    if depth < _MAX_DEPTH and isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"event field {name!r}: dict keys must be str, got {key!r}")

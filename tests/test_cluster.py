@@ -1,0 +1,166 @@
+"""LiveCluster: running functions on every rank, results, events, persistence."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ddpzero_lab as dzl
+
+
+def test_run_returns_one_result_per_rank(cluster):
+    results = cluster.run(lambda: (dzl.rank(), dzl.world_size(), str(dzl.device())))
+    assert results == [(0, 2, "cpu"), (1, 2, "cpu")]
+
+
+def test_each_rank_is_its_own_process(cluster):
+    pids = cluster.run(os.getpid)
+    assert pids == cluster.pids
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+
+
+def test_args_kwargs_and_closures_travel_by_value(cluster):
+    offset = 10  # captured by the closure below, as a notebook cell would
+
+    def add(x, *, scale=1):
+        return (dzl.rank() + x + offset) * scale
+
+    assert cluster.run(add, 1, scale=2) == [22, 24]
+
+
+def test_all_reduce_sums_across_ranks(cluster):
+    def reduce():
+        t = torch.full((3,), float(dzl.rank() + 1))
+        dist.all_reduce(t)
+        return t
+
+    for t in cluster.run(reduce):
+        torch.testing.assert_close(t, torch.full((3,), 3.0))
+
+
+def test_process_group_uses_the_configured_timeout_and_one_thread(cluster):
+    def info():
+        return dist.get_backend(), torch.get_num_threads()
+
+    assert cluster.run(info) == [("gloo", 1), ("gloo", 1)]
+    assert cluster.backend == "gloo"
+
+
+def test_workers_keep_state_between_calls(cluster):
+    def store():
+        import builtins
+
+        builtins._ddpzero_test_value = dzl.rank() * 7
+        return os.getpid()
+
+    def load():
+        import builtins
+
+        return builtins._ddpzero_test_value, os.getpid()
+
+    pids = cluster.run(store)
+    assert cluster.run(load) == [(0, pids[0]), (7, pids[1])]
+
+
+def test_submit_returns_a_job_with_events_readable_while_running(cluster):
+    def emitter():
+        for step in range(5):
+            dzl.emit("loss", step=step, loss=1.0 / (step + 1))
+            time.sleep(0.05)
+        time.sleep(1.0)
+        return "done"
+
+    job = cluster.submit(emitter)
+    assert not job.done()
+    deadline = time.monotonic() + 10
+    while len(job.events) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(job.events) == 10 and not job.done()  # all events arrived, job still running
+    assert job.wait() == ["done", "done"]
+    assert job.done()
+    events = job.events
+    assert {e.rank for e in events} == {0, 1}
+    assert all(e.kind == "loss" and e.job == job.id for e in events)
+    for rank in (0, 1):
+        mine = [e for e in events if e.rank == rank]
+        assert [e["step"] for e in mine] == list(range(5))
+        assert [e["loss"] for e in mine] == [1.0 / (s + 1) for s in range(5)]
+        assert all(a.time <= b.time for a, b in zip(mine, mine[1:]))
+
+
+def test_events_reach_a_dashboard_consumer_on_one_thread(cluster):
+    import threading
+
+    class Recorder:
+        def __init__(self):
+            self.events, self.threads, self.ended = [], set(), []
+
+        def on_event(self, event):
+            self.events.append(event)
+            self.threads.add(threading.get_ident())
+
+        def on_job_end(self, job):
+            self.ended.append(job.id)
+
+    recorder = Recorder()
+
+    def fn():
+        dzl.emit("log", text=f"hello from {dzl.rank()}")
+
+    job = cluster.submit(fn, dashboard=recorder)
+    job.wait()
+    deadline = time.monotonic() + 5
+    while not recorder.ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(e["text"] for e in recorder.events) == ["hello from 0", "hello from 1"]
+    assert len(recorder.threads) == 1 and threading.get_ident() not in recorder.threads
+    assert recorder.ended == [job.id]
+
+
+def test_wait_with_timeout_leaves_the_job_running(cluster):
+    job = cluster.submit(time.sleep, 1.0)
+    with pytest.raises(TimeoutError, match="still running"):
+        job.wait(timeout=0.1)
+    assert job.wait(timeout=10) == [None, None]
+
+
+def test_jobs_queue_in_order(cluster):
+    first = cluster.submit(lambda: time.sleep(0.3) or "first")
+    second = cluster.submit(lambda: "second")
+    assert second.wait() == ["second", "second"]
+    assert first.done() and first.wait() == ["first", "first"]
+
+
+def test_tensor_results_come_back_by_value(cluster):
+    results = cluster.run(lambda: torch.arange(4.0) * dzl.rank())
+    torch.testing.assert_close(results[1], torch.arange(4.0))
+
+
+def test_emit_rejects_tensors_inside_a_rank(cluster):
+    with pytest.raises(dzl.RankError) as info:
+        cluster.run(lambda: dzl.emit("loss", loss=torch.tensor(1.0)))
+    assert info.value.failures[0].exc_type == "TypeError"
+    assert "float(t)" in info.value.failures[0].message
+    # Every rank raised before any collective: the process group is intact, workers kept.
+    assert not info.value.restarted
+
+
+def test_world_sizes_one_to_four_start_and_reduce():
+    for world_size in (1, 3, 4):
+        with dzl.LiveCluster(world_size, timeout=5.0) as c:
+            def total():
+                t = torch.tensor([float(dzl.rank())])
+                dist.all_reduce(t)
+                return t.item()
+
+            expected = float(sum(range(world_size)))
+            assert c.run(total) == [expected] * world_size
+
+
+def test_spawn_start_method_works_too():
+    with dzl.LiveCluster(2, start_method="spawn", timeout=5.0) as c:
+        assert c.run(dzl.rank) == [0, 1]
