@@ -8,5 +8,13 @@ from .telemetry import emit
 
 __version__ = "0.1.0"
 
-__all__ = ["ClusterError", "Job", "LiveCluster", "RankError", "device", "emit", "rank",
-           "world_size"]
+__all__ = [
+    "ClusterError",
+    "Job",
+    "LiveCluster",
+    "RankError",
+    "device",
+    "emit",
+    "rank",
+    "world_size",
+]

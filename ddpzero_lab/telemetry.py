@@ -152,8 +152,12 @@ def make_event(kind: str, fields: dict[str, Any], rank: int | None = None) -> Ev
             raise ValueError(f"event field {reserved!r} is set by emit(); do not pass it")
     for name, value in fields.items():
         _check_value(name, value)
-    return Event(kind=kind, rank=_default_rank() if rank is None else rank, time=time.time(),
-                 fields=dict(fields))
+    return Event(
+        kind=kind,
+        rank=_default_rank() if rank is None else rank,
+        time=time.time(),
+        fields=dict(fields),
+    )
 
 
 def emit(kind: str, **fields: Any) -> None:

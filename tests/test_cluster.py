@@ -89,7 +89,7 @@ def test_submit_returns_a_job_with_events_readable_while_running(cluster):
         mine = [e for e in events if e.rank == rank]
         assert [e["step"] for e in mine] == list(range(5))
         assert [e["loss"] for e in mine] == [1.0 / (s + 1) for s in range(5)]
-        assert all(a.time <= b.time for a, b in zip(mine, mine[1:]))
+        assert all(a.time <= b.time for a, b in zip(mine, mine[1:], strict=False))
 
 
 def test_events_reach_a_dashboard_consumer_on_one_thread(cluster):
@@ -152,6 +152,7 @@ def test_emit_rejects_tensors_inside_a_rank(cluster):
 def test_world_sizes_one_to_four_start_and_reduce():
     for world_size in (1, 3, 4):
         with dzl.LiveCluster(world_size, timeout=5.0) as c:
+
             def total():
                 t = torch.tensor([float(dzl.rank())])
                 dist.all_reduce(t)

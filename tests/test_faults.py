@@ -7,16 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import PYTHON, REPO, alive
 
 import ddpzero_lab as dzl
-from conftest import PYTHON, REPO, alive
 
 
 def _healthy(cluster) -> bool:
@@ -225,7 +224,10 @@ def test_workers_end_when_the_interpreter_exits():
             print(json.dumps(cluster.pids), flush=True)
             # no close(): the interpreter just ends
         """),
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
     assert _wait_gone(json.loads(out.stdout.splitlines()[-1]))
@@ -240,7 +242,10 @@ def test_workers_end_when_the_kernel_is_killed():
             print(json.dumps(cluster.pids), flush=True)
             time.sleep(60)
         """),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         pids = json.loads(proc.stdout.readline())
@@ -288,7 +293,10 @@ def test_jupyter_style_interrupt_cancels_cleanly_and_cluster_stays_usable():
             print(json.dumps(report), flush=True)
             cluster.close()
         """),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
         start_new_session=True,
     )
     try:

@@ -4,5 +4,14 @@ from .cluster import Job, LiveCluster
 from .context import device, in_worker, rank, world_size
 from .errors import ClusterError, RankError, RankFailure
 
-__all__ = ["ClusterError", "Job", "LiveCluster", "RankError", "RankFailure", "device",
-           "in_worker", "rank", "world_size"]
+__all__ = [
+    "ClusterError",
+    "Job",
+    "LiveCluster",
+    "RankError",
+    "RankFailure",
+    "device",
+    "in_worker",
+    "rank",
+    "world_size",
+]

@@ -130,8 +130,9 @@ class _Hub:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
         self.closed = False
-        self.thread = threading.Thread(target=_consume, args=(self,), name="ddpzero-consumer",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=_consume, args=(self,), name="ddpzero-consumer", daemon=True
+        )
         self.thread.start()
 
     def wake(self) -> None:
@@ -268,8 +269,15 @@ class Job:
     events the ranks emitted so far (readable while the job runs); `cancel()` stops it.
     """
 
-    def __init__(self, cluster: LiveCluster, gen: _Generation, job_id: int, name: str,
-                 dashboard: telemetry.EventConsumer | None, files: dict[str, str] | None = None):
+    def __init__(
+        self,
+        cluster: LiveCluster,
+        gen: _Generation,
+        job_id: int,
+        name: str,
+        dashboard: telemetry.EventConsumer | None,
+        files: dict[str, str] | None = None,
+    ):
         self.id = job_id
         self._files = files or {}
         self.name = name
@@ -416,8 +424,11 @@ class Job:
                 if None in seqs or len(seqs) > 1:
                     reason = "the ranks left the job having issued different collectives"
             restarted = False
-            if reason is not None and cluster is not None and not cluster.closed and (
-                cluster._generation == self._gen.number
+            if (
+                reason is not None
+                and cluster is not None
+                and not cluster.closed
+                and (cluster._generation == self._gen.number)
             ):
                 cluster._replace_workers(reason)
                 restarted = True
@@ -425,8 +436,9 @@ class Job:
             self._settled = True
         self._hub.call_soon(self._notify_end)
 
-    def _build_error(self, outcomes: list[_Outcome], interrupted: bool, restarted: bool,
-                     reason: str | None) -> BaseException | None:
+    def _build_error(
+        self, outcomes: list[_Outcome], interrupted: bool, restarted: bool, reason: str | None
+    ) -> BaseException | None:
         failures: dict[int, RankFailure] = {}
         for rank, o in enumerate(outcomes):
             if o.status == "ok":
@@ -440,8 +452,14 @@ class Job:
                     except Exception:  # noqa: BLE001 - the text is enough
                         exc = None
                 text = restore_source(info.get("traceback", ""), self._files)
-                failures[rank] = RankFailure(rank, "exception", info.get("type", "?"),
-                                             info.get("message", ""), text, exception=exc)
+                failures[rank] = RankFailure(
+                    rank,
+                    "exception",
+                    info.get("type", "?"),
+                    info.get("message", ""),
+                    text,
+                    exception=exc,
+                )
             elif o.status == "died":
                 failures[rank] = RankFailure(rank, "died", exitcode=o.exitcode)
             else:
@@ -460,9 +478,14 @@ class Job:
                 "collective: every rank must call the same collectives in the same order "
                 "(did one rank skip one?)."
             )
-        return RankError(failures, self.world_size, job_name=f"job {self.id} ({self.name})",
-                         results=self._load_results(outcomes, strict=False),
-                         restarted=restarted, note=note)
+        return RankError(
+            failures,
+            self.world_size,
+            job_name=f"job {self.id} ({self.name})",
+            results=self._load_results(outcomes, strict=False),
+            restarted=restarted,
+            note=note,
+        )
 
     def _load_results(self, outcomes: list[_Outcome], strict: bool) -> list:
         results = []
@@ -539,8 +562,9 @@ def _context(start_method: str):
             _forkserver_ctx = mp.get_context("forkserver")
             # The forkserver imports torch once; each rank then starts by fork from it in about
             # 0.1 s instead of importing torch again (seconds), which makes restart() cheap.
-            _forkserver_ctx.set_forkserver_preload(["torch", "torch.distributed",
-                                                    "ddpzero_lab.cluster.worker"])
+            _forkserver_ctx.set_forkserver_preload(
+                ["torch", "torch.distributed", "ddpzero_lab.cluster.worker"]
+            )
         return _forkserver_ctx
     return mp.get_context(start_method)
 
@@ -666,8 +690,16 @@ class LiveCluster:
             parent_conn, child_conn = self._ctx.Pipe(duplex=True)
             proc = self._ctx.Process(
                 target=worker.main,
-                args=(rank, self.world_size, self.backend, store_path, self.timeout,
-                      self.threads_per_rank, child_conn, env),
+                args=(
+                    rank,
+                    self.world_size,
+                    self.backend,
+                    store_path,
+                    self.timeout,
+                    self.threads_per_rank,
+                    child_conn,
+                    env,
+                ),
                 name=f"ddpzero-rank{rank}",
                 # daemon: multiprocessing ends the workers at interpreter exit as a last resort
                 # (the worker lifts the flag on itself so it may start DataLoader workers).
@@ -730,12 +762,16 @@ class LiveCluster:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"generation {self._generation}, pids {self.pids}"
-        return (f"LiveCluster(world_size={self.world_size}, backend={self.backend!r}, "
-                f"{state})")
+        return f"LiveCluster(world_size={self.world_size}, backend={self.backend!r}, {state})"
 
     # -- jobs -----------------------------------------------------------------------------
-    def submit(self, fn: Callable, *args: Any, dashboard: telemetry.EventConsumer | None = None,
-               **kwargs: Any) -> Job:
+    def submit(
+        self,
+        fn: Callable,
+        *args: Any,
+        dashboard: telemetry.EventConsumer | None = None,
+        **kwargs: Any,
+    ) -> Job:
         """Start fn(*args, **kwargs) on every rank and return a Job without waiting."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -754,8 +790,11 @@ class LiveCluster:
             gen = self._hub.gen
             if gen is None or gen.broken:
                 why = gen.broken if gen is not None else "it has no workers"
-                warnings.warn(f"replacing the cluster's workers before this job: {why}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"replacing the cluster's workers before this job: {why}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 self._replace_workers(why)
                 gen = self._hub.gen
             name = getattr(fn, "__qualname__", None) or type(fn).__name__
@@ -769,8 +808,13 @@ class LiveCluster:
                     job._on_outcome(rank, _Outcome("died", exitcode=gen.procs[rank].exitcode))
             return job
 
-    def run(self, fn: Callable, *args: Any, dashboard: telemetry.EventConsumer | None = None,
-            **kwargs: Any) -> list:
+    def run(
+        self,
+        fn: Callable,
+        *args: Any,
+        dashboard: telemetry.EventConsumer | None = None,
+        **kwargs: Any,
+    ) -> list:
         """Run fn(*args, **kwargs) on every rank and return the results, indexed by rank.
 
         A failure on any rank raises RankError; Ctrl-C / Jupyter's interrupt cancels the job on

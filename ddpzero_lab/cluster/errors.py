@@ -96,8 +96,11 @@ class RankError(ClusterError):
         self.results = results if results is not None else [None] * world_size
         self.restarted = restarted
         self.note = note
-        causes = [r for r, f in self.failures.items() if f.kind not in ("cancelled", "stuck")
-                  and not f.is_comm_error]
+        causes = [
+            r
+            for r, f in self.failures.items()
+            if f.kind not in ("cancelled", "stuck") and not f.is_comm_error
+        ]
         self.ranks = causes or [r for r, f in self.failures.items() if f.kind != "cancelled"]
         super().__init__(self._format())
 
@@ -111,8 +114,10 @@ class RankError(ClusterError):
         for failure in ordered:
             if failure.kind == "cancelled":
                 continue
-            tag = "" if failure.rank in self.ranks or not failure.is_comm_error else (
-                "  [probably a consequence of the failure above]"
+            tag = (
+                ""
+                if failure.rank in self.ranks or not failure.is_comm_error
+                else ("  [probably a consequence of the failure above]")
             )
             lines.append(f"--- rank {failure.rank}: {failure.summary()}{tag}")
             if failure.traceback and failure.rank in self.ranks:

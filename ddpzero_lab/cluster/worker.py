@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import multiprocessing
 import datetime
+import multiprocessing
 import os
 import queue
 import signal
@@ -92,7 +92,9 @@ class _Channel:
     def send(self, message: tuple) -> None:
         # The cancel signal must not land half-way through a write: the parent would read a
         # torn message. Blocking it here only delays it to the end of the send.
-        blocked = _CANCEL_SIGNAL is not None and threading.current_thread() is threading.main_thread()
+        blocked = (
+            _CANCEL_SIGNAL is not None and threading.current_thread() is threading.main_thread()
+        )
         if blocked:
             signal.pthread_sigmask(signal.SIG_BLOCK, {_CANCEL_SIGNAL})
         try:
@@ -130,12 +132,19 @@ def _describe_exception(exc: BaseException) -> dict[str, Any]:
     message = str(exc)
     if isinstance(exc, SystemExit):
         message = f"fn called sys.exit({exc.code!r})"
-    return {"type": type(exc).__name__, "message": message, "traceback": text,
-            "exception": pickled}
+    return {"type": type(exc).__name__, "message": message, "traceback": text, "exception": pickled}
 
 
-def main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: float,
-         threads: int, conn, env: dict[str, str]) -> None:
+def main(
+    rank: int,
+    world_size: int,
+    backend: str,
+    store_path: str,
+    timeout_s: float,
+    threads: int,
+    conn,
+    env: dict[str, str],
+) -> None:
     """Entry point of a worker process."""
     # Jupyter's interrupt sends SIGINT to the kernel's whole process group, workers included.
     # Workers ignore it; the parent turns the interrupt into an orderly cancel.
@@ -148,8 +157,7 @@ def main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: f
     # parent's current one: take the parent's, as a spawned process would.
     os.environ.clear()
     os.environ.update(env)
-    os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("DDPZERO_SOCKET_IFNAME",
-                                                      loopback_interface())
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("DDPZERO_SOCKET_IFNAME", loopback_interface())
     os.environ.setdefault("NCCL_SOCKET_IFNAME", os.environ["GLOO_SOCKET_IFNAME"])
     # Set once, before any parallel op: changing the thread count later slows every op.
     torch.set_num_threads(threads)
@@ -166,7 +174,10 @@ def main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: f
             dev = torch.device("cpu")
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size,
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
             **({"device_id": dev} if backend == "nccl" else {}),
         )
@@ -177,6 +188,7 @@ def main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: f
         os._exit(1)
 
     if _CANCEL_SIGNAL is not None:
+
         def _on_cancel(signum, frame):
             # Only a cancel for the job running right now interrupts; a late one is dropped.
             job = state.current_job
@@ -209,8 +221,19 @@ def main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: f
                 return
 
     threading.Thread(target=reader, name="ddpzero-reader", daemon=True).start()
-    channel.send(("ready", rank, {"pid": os.getpid(), "device": str(dev), "backend": backend,
-                                  "threads": torch.get_num_threads(), "time": time.time()}))
+    channel.send(
+        (
+            "ready",
+            rank,
+            {
+                "pid": os.getpid(),
+                "device": str(dev),
+                "backend": backend,
+                "threads": torch.get_num_threads(),
+                "time": time.time(),
+            },
+        )
+    )
 
     while True:
         task = tasks.get()
@@ -223,8 +246,9 @@ def main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: f
     os._exit(0)
 
 
-def _run_task(job_id: int, payload: bytes, rank: int, channel: _Channel,
-              state: _State) -> tuple[str, Any]:
+def _run_task(
+    job_id: int, payload: bytes, rank: int, channel: _Channel, state: _State
+) -> tuple[str, Any]:
     with state.lock:
         if job_id in state.cancelled:
             return "cancelled", None
