@@ -474,8 +474,8 @@ class Job:
         if ok and any(f.is_comm_error for f in failures.values()):
             waiting = [r for r, f in failures.items() if f.is_comm_error]
             note = (
-                f"Ranks {_join(ok)} returned normally while rank(s) {_join(waiting)} waited in a "
-                "collective: every rank must call the same collectives in the same order "
+                f"{_ranks(ok).capitalize()} returned normally while {_ranks(waiting)} waited in "
+                "a collective: every rank must call the same collectives in the same order "
                 "(did one rank skip one?)."
             )
         return RankError(
@@ -518,6 +518,11 @@ class Job:
         if self._results is None:
             self._results = self._load_results(self._outcomes, strict=True)
         return self._results
+
+
+def _ranks(ranks) -> str:
+    ranks = list(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_join(ranks)}"
 
 
 def _join(ranks) -> str:
