@@ -19,11 +19,15 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev,lab]'
-	$(BIN)/python -c "import torch, torchvision; m = torchvision.models.resnet18(); m(torch.randn(1, 3, 32, 32)).sum().backward(); print('torch', torch.__version__, 'torchvision', torchvision.__version__, ': resnet18 forward+backward ok')"
+	$(BIN)/python -c "import torch, torchvision; m = torchvision.models.resnet18(); m(torch.randn(2, 3, 32, 32)).sum().backward(); print('torch', torch.__version__, 'torchvision', torchvision.__version__, ': resnet18 forward+backward ok')"
 	@touch $(STAMP)
 
+# Loopback only: the lab runs code, so it is not offered to the network. Jupyter refuses to run
+# as root without --allow-root (containers, CI); it is added only in that case.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS)
 
 # One pytest run: the unit and fault tests, then every notebook under nbval in smoke mode.
 test: $(STAMP)
