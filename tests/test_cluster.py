@@ -165,3 +165,25 @@ def test_world_sizes_one_to_four_start_and_reduce():
 def test_spawn_start_method_works_too():
     with dzl.LiveCluster(2, start_method="spawn", timeout=5.0) as c:
         assert c.run(dzl.rank) == [0, 1]
+
+
+def test_print_in_a_rank_shows_in_the_caller_prefixed_by_rank(cluster, capsys):
+    import sys
+
+    def talk():
+        print(f"hello from {dzl.rank()}")
+        print("no newline", end="")
+        print("careful", file=sys.stderr)
+        return dzl.rank()
+
+    job = cluster.submit(talk)
+    assert job.wait() == [0, 1]
+    out, err = capsys.readouterr()
+    for rank in (0, 1):
+        assert f"[rank {rank}] hello from {rank}\n" in out
+        assert f"[rank {rank}] no newline\n" in out
+        assert f"[rank {rank}] careful\n" in err
+    assert (0, "stdout", "hello from 0\n") in job.output
+    # after the job, the workers' own streams are back: nothing more is forwarded
+    cluster.run(lambda: None)
+    assert capsys.readouterr() == ("", "")

@@ -233,6 +233,11 @@ def _read_one(hub: _Hub, gen: _Generation, rank: int) -> None:
             job._on_event(event)
         else:
             hub.log.append(event)
+    elif kind == "output":
+        _, job_id, stream, text = message
+        job = hub.jobs.get(job_id)
+        if job is not None and job._gen is gen:
+            job._on_output(rank, stream, text)
     elif kind == "result":
         _, job_id, rank, status, payload, seq = message
         job = hub.jobs.get(job_id)
@@ -265,8 +270,10 @@ class Job:
     """A function running on every rank. Returned by `LiveCluster.submit`.
 
     `wait(timeout=None)` returns the per-rank results (a list indexed by rank) or raises
-    RankError; `done()` says whether every rank has finished; `events` are the telemetry
-    events the ranks emitted so far (readable while the job runs); `cancel()` stops it.
+    RankError, printing what the ranks print as it arrives, each line prefixed by its rank;
+    `done()` says whether every rank has finished; `events` are the telemetry events the ranks
+    emitted so far (readable while the job runs); `output` is what they printed; `cancel()`
+    stops it.
     """
 
     def __init__(
@@ -297,6 +304,10 @@ class Job:
         self._results: list | None = None
         self._error: BaseException | None = None
         self.consumer_errors: list[str] = []
+        # What fn printed: (rank, "stdout" | "stderr", text), in arrival order. wait() also
+        # prints it in the caller, prefixed by the rank.
+        self.output: list[tuple[int, str, str]] = []
+        self._pending_output: queue.SimpleQueue = queue.SimpleQueue()
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
@@ -336,11 +347,28 @@ class Job:
                             "it goes on: call job.wait() again, or job.cancel() to stop it"
                         )
                     self._cond.wait(0.1 if deadline is None else min(0.1, deadline - now))
+                    self._print_output()
             self._settle(interrupted=False)
         except KeyboardInterrupt:
             self._settle(interrupted=True)
             raise
+        finally:
+            self._print_output()
         return self._final()
+
+    def _print_output(self) -> None:
+        # Runs in the caller's thread (the notebook cell's), so the lines land in that cell.
+        while True:
+            try:
+                rank, stream, text = self._pending_output.get_nowait()
+            except queue.Empty:
+                return
+            target = sys.stderr if stream == "stderr" else sys.stdout
+            lines = text.splitlines(keepends=True)
+            target.write("".join(f"[rank {rank}] {line}" for line in lines))
+            if not text.endswith("\n"):
+                target.write("\n")
+            target.flush()
 
     def cancel(self) -> None:
         """Stop the job on every rank (ranks stuck in a collective are ended and replaced)."""
@@ -355,6 +383,12 @@ class Job:
             except Exception as exc:  # noqa: BLE001 - recorded, shown by wait()
                 if len(self.consumer_errors) < 10:
                     self.consumer_errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _on_output(self, rank: int, stream: str, text: str) -> None:
+        self.output.append((rank, stream, text))
+        self._pending_output.put((rank, stream, text))
+        with self._cond:
+            self._cond.notify_all()
 
     def _on_outcome(self, rank: int, outcome: _Outcome) -> None:
         with self._cond:

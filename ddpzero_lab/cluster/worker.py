@@ -12,6 +12,7 @@ Messages on the worker's pipe, parent -> worker:
 worker -> parent:
     ("ready", rank, info) | ("startup_error", rank, traceback_text)
     ("event", job_id, event)
+    ("output", job_id, stream, text)             what fn printed, whole lines
     ("result", job_id, rank, status, payload, seq)   status: "ok" | "error" | "cancelled"
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import datetime
+import io
 import multiprocessing
 import os
 import queue
@@ -107,6 +109,37 @@ class _Channel:
     def send_event(self, event: telemetry.Event) -> None:
         # An event belongs to the job running when it was emitted.
         self.send(("event", self.job, dataclasses.replace(event, job=self.job)))
+
+
+class _RankStream(io.TextIOBase):
+    """sys.stdout/sys.stderr inside a job: whole lines go to the parent, which prints them in
+    the calling cell prefixed by the rank (a worker's own stdout is the terminal that started
+    Jupyter, where the learner would never see it)."""
+
+    def __init__(self, channel: _Channel, name: str, original) -> None:
+        self.channel, self.name, self.original = channel, name, original
+        self.buffer_text = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.buffer_text += text
+        if "\n" in self.buffer_text:
+            complete, _, self.buffer_text = self.buffer_text.rpartition("\n")
+            self._send(complete + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer_text:
+            text, self.buffer_text = self.buffer_text, ""
+            self._send(text)
+
+    def _send(self, text: str) -> None:
+        try:
+            self.channel.send(("output", self.channel.job, self.name, text))
+        except (OSError, ValueError):
+            self.original.write(text)
 
 
 def _sequence_number() -> int | None:
@@ -253,9 +286,12 @@ def _run_task(
         if job_id in state.cancelled:
             return "cancelled", None
     status, out = "cancelled", None
+    saved_streams = sys.stdout, sys.stderr
+    channel.job = job_id
+    sys.stdout = _RankStream(channel, "stdout", saved_streams[0])
+    sys.stderr = _RankStream(channel, "stderr", saved_streams[1])
     try:
         try:
-            channel.job = job_id
             state.current_job = job_id
             fn, args, kwargs = cloudpickle.loads(payload)
             value = fn(*args, **kwargs)
@@ -269,6 +305,9 @@ def _run_task(
     except JobCancelled:
         # The cancel signal landed between fn's return and the reset above: keep the outcome.
         state.current_job = None
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    sys.stdout, sys.stderr = saved_streams
     channel.job = None
     if status == "ok":
         try:
