@@ -4,6 +4,7 @@ This module only re-exports the public API (DESIGN.md §3).
 """
 
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
+from .comm import reset_traffic, traffic
 from .telemetry import emit
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __all__ = [
     "RankError",
     "device",
     "emit",
+    "reset_traffic",
+    "traffic",
     "rank",
     "world_size",
 ]

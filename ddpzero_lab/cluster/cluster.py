@@ -63,6 +63,7 @@ class _Outcome:
     payload: Any = None
     seq: int | None = None
     exitcode: int | None = None
+    stderr: str = ""
 
 
 class _Generation:
@@ -82,6 +83,18 @@ class _Generation:
         self.eof: set[int] = set()
         self.broken: str | None = None
         self.stopping = False
+
+    def stderr_tail(self, rank: int, max_chars: int = 2000) -> str:
+        """The last lines a rank wrote to its native stderr (see worker._redirect_native_stderr)."""
+        path = worker.stderr_path(os.path.join(self.store_dir, "store"), rank)
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - max_chars))
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return text.strip()
 
     def send(self, rank: int, message: tuple) -> bool:
         conn = self.conns.get(rank)
@@ -261,9 +274,10 @@ def _on_death(hub: _Hub, gen: _Generation, rank: int, exitcode: int | None) -> N
         gen.cond.notify_all()
     if gen.stopping:
         return
+    last_words = gen.stderr_tail(rank)
     for job in list(hub.jobs.values()):
         if job._gen is gen:
-            job._on_outcome(rank, _Outcome("died", exitcode=exitcode))
+            job._on_outcome(rank, _Outcome("died", exitcode=exitcode, stderr=last_words))
 
 
 class Job:
@@ -495,7 +509,7 @@ class Job:
                     exception=exc,
                 )
             elif o.status == "died":
-                failures[rank] = RankFailure(rank, "died", exitcode=o.exitcode)
+                failures[rank] = RankFailure(rank, "died", exitcode=o.exitcode, stderr=o.stderr)
             else:
                 failures[rank] = RankFailure(rank, o.status)
         if not failures:
@@ -761,6 +775,7 @@ class LiveCluster:
                 gen.cond.wait(min(0.2, left))
             ready, errors, dead = dict(gen.ready), dict(gen.startup_errors), dict(gen.dead)
         if len(ready) < self.world_size:
+            gen_tail = gen.stderr_tail(min(dead)) if dead else ""
             gen.stop(graceful=False)
             with self._hub.lock:
                 self._hub.gen = None
@@ -774,6 +789,7 @@ class LiveCluster:
                 raise ClusterError(
                     f"rank {rank} died while starting ({describe_exitcode(code)}); check memory "
                     "and that ddpzero_lab imports in a fresh Python process"
+                    + (f"\nits last words on stderr:\n{tail}" if (tail := gen_tail) else "")
                 )
             missing = [r for r in range(self.world_size) if r not in ready]
             raise ClusterError(

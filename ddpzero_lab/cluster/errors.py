@@ -44,6 +44,7 @@ class RankFailure:
     traceback: str = ""
     exitcode: int | None = None
     exception: BaseException | None = None
+    stderr: str = ""  # for "died": the last lines the process wrote to its native stderr
 
     @property
     def is_comm_error(self) -> bool:
@@ -122,6 +123,9 @@ class RankError(ClusterError):
             lines.append(f"--- rank {failure.rank}: {failure.summary()}{tag}")
             if failure.traceback and failure.rank in self.ranks:
                 lines.append(_indent(failure.traceback.rstrip()))
+            if failure.stderr:
+                lines.append("    its last words on stderr:")
+                lines.append(_indent(_indent(failure.stderr)))
         cancelled = [r for r, f in self.failures.items() if f.kind == "cancelled"]
         if cancelled:
             lines.append(f"ranks stopped because of it: {', '.join(map(str, cancelled))}")

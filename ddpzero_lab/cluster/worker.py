@@ -68,6 +68,23 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def stderr_path(store_path: str, rank: int) -> str:
+    """Where a rank's native stderr goes (next to the generation's rendezvous file)."""
+    return os.path.join(os.path.dirname(store_path), f"rank{rank}.stderr")
+
+
+def _redirect_native_stderr(path: str) -> None:
+    # gloo and NCCL report fatal errors (a collective mismatch, say) on file descriptor 2 just
+    # before they abort the process. In Jupyter that is the terminal that started the server,
+    # where nobody looks; a file lets the parent quote those lines in the RankError.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def loopback_interface() -> str:
     """The name of the loopback interface gloo should bind to ('lo' on Linux, 'lo0' on macOS)."""
     import socket
@@ -183,6 +200,7 @@ def main(
     # Workers ignore it; the parent turns the interrupt into an orderly cancel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal()
+    _redirect_native_stderr(stderr_path(store_path, rank))
     # The parent starts workers as daemons (so multiprocessing ends them at exit as a last
     # resort); a daemon may not have children, but a rank may need DataLoader workers.
     multiprocessing.current_process().daemon = False

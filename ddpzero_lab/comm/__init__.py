@@ -1,0 +1,42 @@
+"""Communication the learner can see: counted collectives, rings from send/recv, cost models."""
+
+from .collectives import (
+    TimedWork,
+    all_gather,
+    all_reduce,
+    barrier,
+    broadcast,
+    irecv,
+    isend,
+    recv,
+    reduce_scatter,
+    reset_traffic,
+    send,
+    traffic,
+)
+from .cost_model import AlphaBeta, chunk_numels, fit_alpha_beta, traffic_model
+from .probe import probe_alpha_beta
+from .ring import ring_all_gather, ring_all_reduce, ring_reduce_scatter
+
+__all__ = [
+    "AlphaBeta",
+    "TimedWork",
+    "all_gather",
+    "all_reduce",
+    "barrier",
+    "broadcast",
+    "chunk_numels",
+    "fit_alpha_beta",
+    "irecv",
+    "isend",
+    "probe_alpha_beta",
+    "recv",
+    "reduce_scatter",
+    "reset_traffic",
+    "ring_all_gather",
+    "ring_all_reduce",
+    "ring_reduce_scatter",
+    "send",
+    "traffic",
+    "traffic_model",
+]

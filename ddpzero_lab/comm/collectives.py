@@ -1,0 +1,420 @@
+"""Instrumented collectives: torch.distributed's ops, counted and reported.
+
+This module owns the per-rank traffic counters (`traffic()`, `reset_traffic()`) and the
+wrappers `broadcast`, `all_reduce`, `reduce_scatter` (tensor form), `all_gather` (tensor
+form), `send`, `recv`, `barrier`. Each has torch.distributed's signature plus an optional
+`tag` (a bucket or parameter name for the dashboards), runs the real collective, and
+
+  * adds to this rank's counters under its op: calls, payload bytes, bytes sent and received
+    (by the model in `cost_model.py`: ring or chain, see there), wall seconds;
+  * emits a `collective` telemetry event: op, bytes, sent, recv, start, end, seq, tag, and
+    `fallback` when the backend lacked the op for this dtype and a substitute ran.
+
+An async call (`async_op=True`) returns a handle whose `wait()` completes the measurement:
+the op is counted, and its seconds run from the call to the end of `wait()`. The counters hold
+the *model's* bytes of the op asked for, also when a fallback ran (the event says which), so
+that lesson figures compare with the formulas; `ring.py` measures real bytes of its own rings.
+
+It does not know about buckets, shards or models: callers pass a tag.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import telemetry
+from .cost_model import traffic_model
+
+_FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
+_lock = threading.Lock()
+_counters: dict[str, dict[str, float]] = {}
+_seq = itertools.count()
+# (op, dtype, backend) combinations the backend refused; the fallback runs at once next time.
+_unsupported: set[tuple[str, torch.dtype, str]] = set()
+
+
+def traffic() -> dict[str, dict[str, float]]:
+    """This rank's counters: {op: {"calls", "bytes", "sent", "recv", "seconds"}} (a copy)."""
+    with _lock:
+        return {op: dict(values) for op, values in _counters.items()}
+
+
+def reset_traffic() -> None:
+    """Zero this rank's counters."""
+    with _lock:
+        _counters.clear()
+
+
+def record(
+    op: str,
+    nbytes: int,
+    sent: int,
+    recv: int,
+    start: float,
+    end: float,
+    tag: str | None = None,
+    **extra: Any,
+) -> None:
+    """Count one completed op and emit its `collective` event (also used by ring.py)."""
+    with _lock:
+        entry = _counters.setdefault(op, dict.fromkeys(_FIELDS, 0))
+        entry["calls"] += 1
+        entry["bytes"] += nbytes
+        entry["sent"] += sent
+        entry["recv"] += recv
+        entry["seconds"] += end - start
+        seq = next(_seq)
+    telemetry.emit(
+        "collective",
+        op=op,
+        bytes=nbytes,
+        sent=sent,
+        recv=recv,
+        start=start,
+        end=end,
+        seq=seq,
+        tag=tag,
+        **extra,
+    )
+
+
+class TimedWork:
+    """The handle of an async op: `wait()` waits for the op, then counts it."""
+
+    def __init__(self, work, on_done) -> None:
+        self._work = work
+        self._on_done = on_done
+        self._counted = False
+
+    def wait(self, timeout=None) -> bool:
+        if self._work is not None:
+            if timeout is None:
+                self._work.wait()
+            else:
+                self._work.wait(timeout)
+        if not self._counted:
+            self._counted = True
+            self._on_done()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
+# --- argument checks: clear errors before anything is sent ------------------------------
+
+
+def _group_info(group) -> tuple[int, int, str]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "no process group: call this inside a LiveCluster job (cluster.run(fn)) or after "
+            "torch.distributed.init_process_group"
+        )
+    return dist.get_world_size(group), dist.get_rank(group), dist.get_backend(group)
+
+
+def _check_tensor(name: str, tensor: Any) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (it is a strided view): pass t.contiguous() and copy "
+            "the result back"
+        )
+
+
+def _check_pair(output: torch.Tensor, input: torch.Tensor, factor_out: int, op: str) -> None:
+    _check_tensor("output", output)
+    _check_tensor("input", input)
+    if output.dtype != input.dtype:
+        raise TypeError(f"{op}: output dtype {output.dtype} must equal input dtype {input.dtype}")
+    if output.device != input.device:
+        raise ValueError(f"{op}: output is on {output.device} but input on {input.device}")
+    if factor_out > 0 and output.numel() != factor_out * input.numel():
+        raise ValueError(
+            f"{op}: output must have world_size x input elements "
+            f"({factor_out} x {input.numel()} = {factor_out * input.numel()}), "
+            f"got {output.numel()}"
+        )
+    if factor_out < 0 and input.numel() != -factor_out * output.numel():
+        raise ValueError(
+            f"{op}: input must have world_size x output elements "
+            f"({-factor_out} x {output.numel()} = {-factor_out * output.numel()}), "
+            f"got {input.numel()}"
+        )
+
+
+def _check_peer(name: str, peer: Any, world_size: int, rank: int | None = None) -> None:
+    if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < world_size:
+        raise ValueError(f"{name} must be a rank in 0..{world_size - 1}, got {peer!r}")
+    if rank is not None and peer == rank:
+        raise ValueError(f"{name}={peer} is this rank itself: a rank cannot message itself")
+
+
+# --- the machinery shared by every wrapper ----------------------------------------------
+
+
+def _unsupported_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(m in text for m in ("not supported", "unsupported", "does not support"))
+
+
+def _launch(
+    op: str,
+    tensor: torch.Tensor,
+    numel: int,
+    group,
+    async_op: bool,
+    tag: str | None,
+    native,
+    fallbacks,
+    src: int = 0,
+):
+    """Run `native` (or the first fallback that works), then count the op.
+
+    native() and each fallback() take async_op and return a Work or None. `fallbacks` is a
+    list of (name, fn) tried in order when the backend says the op is unsupported.
+    """
+    world_size, rank, backend = _group_info(group)
+    sent, recv = traffic_model(op, numel, tensor.element_size(), world_size, rank, src)
+    nbytes = numel * tensor.element_size()
+    start = time.time()
+    key = (op, tensor.dtype, backend)
+    used = None
+    work = None
+    if key not in _unsupported:
+        try:
+            work = native(async_op)
+        except RuntimeError as exc:
+            if not fallbacks or not _unsupported_error(exc):
+                raise
+            _unsupported.add(key)
+    if key in _unsupported:
+        # The substitutes are run synchronously: they are for correctness, not speed.
+        last: BaseException | None = None
+        for name, fallback in fallbacks:
+            try:
+                fallback()
+                used = name
+                break
+            except RuntimeError as exc:
+                last = exc
+        if used is None:
+            raise RuntimeError(f"{op} is not supported by {backend} for {tensor.dtype}") from last
+        work = None
+
+    extra = {"fallback": used} if used else {}
+
+    def done() -> None:
+        record(op, nbytes, sent, recv, start, time.time(), tag, **extra)
+
+    if async_op:
+        return TimedWork(work, done)
+    if work is not None:
+        work.wait()
+    done()
+    return None
+
+
+def _blocking(fn, *args, **kwargs) -> None:
+    """Run a blocking point-to-point call; it returns no handle (recv returns the source)."""
+    fn(*args, **kwargs)
+
+
+def _via_float32(tensor: torch.Tensor, run) -> None:
+    """Run a collective on a float32 copy and write the result back (dtype fallback)."""
+    wide = tensor.float()
+    run(wide)
+    tensor.copy_(wide)
+
+
+# --- the wrappers ---------------------------------------------------------------------------
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False, tag=None):
+    """torch.distributed.all_reduce, counted (ring model: 2(N-1)/N·B each way)."""
+    _check_tensor("tensor", tensor)
+    return _launch(
+        "all_reduce",
+        tensor,
+        tensor.numel(),
+        group,
+        async_op,
+        tag,
+        lambda a: dist.all_reduce(tensor, op=op, group=group, async_op=a),
+        [("float32", lambda: _via_float32(tensor, lambda t: dist.all_reduce(t, op, group)))],
+    )
+
+
+def broadcast(tensor, src, group=None, async_op=False, tag=None):
+    """torch.distributed.broadcast, counted (chain model: B per hop)."""
+    _check_tensor("tensor", tensor)
+    world_size, _, _ = _group_info(group)
+    _check_peer("src", src, world_size)
+    return _launch(
+        "broadcast",
+        tensor,
+        tensor.numel(),
+        group,
+        async_op,
+        tag,
+        lambda a: dist.broadcast(tensor, src, group=group, async_op=a),
+        [("float32", lambda: _via_float32(tensor, lambda t: dist.broadcast(t, src, group)))],
+        src=src,
+    )
+
+
+_reduce_scatter_native = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_native = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def reduce_scatter(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False, tag=None):
+    """Tensor-form reduce-scatter (torch's reduce_scatter_tensor), counted: (N-1)/N·B.
+
+    input holds world_size equal chunks; rank r receives the reduction of chunk r.
+    """
+    world_size, rank, _ = _group_info(group)
+    _check_pair(output, input, -world_size, "reduce_scatter")
+
+    def via_all_reduce() -> None:
+        full = input.clone()
+        dist.all_reduce(full, op=op, group=group)
+        output.copy_(full.view(-1).tensor_split(world_size)[rank].view_as(output))
+
+    def via_float32() -> None:
+        wide_out = output.float()
+        _reduce_scatter_native(wide_out, input.float(), op=op, group=group)
+        output.copy_(wide_out)
+
+    return _launch(
+        "reduce_scatter",
+        input,
+        input.numel(),
+        group,
+        async_op,
+        tag,
+        lambda a: _reduce_scatter_native(output, input, op=op, group=group, async_op=a),
+        [("all_reduce", via_all_reduce), ("float32", via_float32)],
+    )
+
+
+def all_gather(output, input, group=None, async_op=False, tag=None):
+    """Tensor-form all-gather (torch's all_gather_into_tensor), counted: (N-1)/N·B.
+
+    output receives world_size chunks, chunk r being rank r's input.
+    """
+    world_size, _, _ = _group_info(group)
+    _check_pair(output, input, world_size, "all_gather")
+
+    def via_list() -> None:
+        parts = list(output.view(-1).tensor_split(world_size))
+        dist.all_gather(parts, input.reshape(-1), group=group)
+
+    def via_float32() -> None:
+        wide_out = output.float()
+        _all_gather_native(wide_out, input.float(), group=group)
+        output.copy_(wide_out)
+
+    return _launch(
+        "all_gather",
+        output,
+        output.numel(),
+        group,
+        async_op,
+        tag,
+        lambda a: _all_gather_native(output, input, group=group, async_op=a),
+        [("all_gather_list", via_list), ("float32", via_float32)],
+    )
+
+
+def send(tensor, dst, group=None, tag=None):
+    """torch.distributed.send, counted (B sent)."""
+    _check_tensor("tensor", tensor)
+    world_size, rank, _ = _group_info(group)
+    _check_peer("dst", dst, world_size, rank)
+    _launch(
+        "send",
+        tensor,
+        tensor.numel(),
+        group,
+        False,
+        tag,
+        lambda a: _blocking(dist.send, tensor, dst, group=group),
+        [],
+    )
+
+
+def recv(tensor, src, group=None, tag=None):
+    """torch.distributed.recv from a given rank, counted (B received)."""
+    _check_tensor("tensor", tensor)
+    world_size, rank, _ = _group_info(group)
+    _check_peer("src", src, world_size, rank)
+    _launch(
+        "recv",
+        tensor,
+        tensor.numel(),
+        group,
+        False,
+        tag,
+        lambda a: _blocking(dist.recv, tensor, src, group=group),
+        [],
+    )
+    return src
+
+
+def isend(tensor, dst, group=None, tag=None):
+    """torch.distributed.isend, counted when the handle's wait() returns."""
+    _check_tensor("tensor", tensor)
+    world_size, rank, _ = _group_info(group)
+    _check_peer("dst", dst, world_size, rank)
+    return _launch(
+        "send",
+        tensor,
+        tensor.numel(),
+        group,
+        True,
+        tag,
+        lambda a: dist.isend(tensor, dst, group=group),
+        [],
+    )
+
+
+def irecv(tensor, src, group=None, tag=None):
+    """torch.distributed.irecv from a given rank, counted when the handle's wait() returns."""
+    _check_tensor("tensor", tensor)
+    world_size, rank, _ = _group_info(group)
+    _check_peer("src", src, world_size, rank)
+    return _launch(
+        "recv",
+        tensor,
+        tensor.numel(),
+        group,
+        True,
+        tag,
+        lambda a: dist.irecv(tensor, src, group=group),
+        [],
+    )
+
+
+def barrier(group=None, async_op=False, tag=None):
+    """torch.distributed.barrier, counted (no payload)."""
+    marker = torch.empty(0)
+    return _launch(
+        "barrier",
+        marker,
+        0,
+        group,
+        async_op,
+        tag,
+        lambda a: dist.barrier(group=group, async_op=a),
+        [],
+    )

@@ -1,0 +1,126 @@
+"""Models of what a collective costs: bytes each rank sends and receives, and time (α-β).
+
+This module owns the *formulas*; it runs nothing. `collectives.py` counts every call with
+`traffic_model`, `ring.py` measures what its rings really send (the tests check the two agree),
+and `AlphaBeta` predicts times that lessons put beside measured ones.
+
+Traffic model (per rank r of N; B = payload bytes; every op modelled as a ring or chain,
+the bandwidth-optimal algorithms for large messages; Patarasuk & Yuan, JPDC 2009):
+
+  all_reduce      ring = reduce-scatter then all-gather over N chunks of the flattened
+                  tensor (first numel % N chunks one element larger). Rank r sends
+                  2B - size(chunk r+1) - size(chunk r+2) and receives
+                  2B - size(chunk r) - size(chunk r+1) (indices mod N):
+                  exactly 2(N-1)/N·B each way when numel is divisible by N.
+  reduce_scatter  B = the input (N equal chunks). Sends and receives (N-1)/N·B.
+  all_gather      B = the output (N equal chunks). Sends and receives (N-1)/N·B.
+  broadcast       a chain from src: rank at distance d = (r - src) mod N receives B if d > 0
+                  and sends B if d < N-1 (pipelined, so the time is not N times one hop).
+  send / recv     B sent / B received.
+  barrier         0 bytes (it is synchronisation only).
+With N = 1 nothing is sent or received.
+
+Time model (Hockney's α-β): one message of B bytes takes α + B·β; α is the latency, β the
+inverse bandwidth (seconds per byte). For the ops above:
+  all_reduce      2(N-1)·α + 2(N-1)/N·B·β
+  reduce_scatter  (N-1)·α + (N-1)/N·B·β          all_gather: the same
+  broadcast       (N-1)·α + B·β                  (pipelined chain)
+  send / recv     α + B·β
+  barrier         2(N-1)·α
+(Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication Operations in
+MPICH", IJHPCA 2005, give these forms.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier")
+
+
+def chunk_numels(numel: int, world_size: int) -> list[int]:
+    """Element counts of the N ring chunks of a flattened tensor (as torch.tensor_split)."""
+    base, extra = divmod(numel, world_size)
+    return [base + (1 if i < extra else 0) for i in range(world_size)]
+
+
+def traffic_model(
+    op: str,
+    numel: int,
+    element_size: int,
+    world_size: int,
+    rank: int,
+    src: int = 0,
+) -> tuple[int, int]:
+    """(bytes sent, bytes received) by `rank` for one call of `op`.
+
+    numel is the payload's element count: the tensor for all_reduce, broadcast, send and recv;
+    the *input* for reduce_scatter; the *output* for all_gather.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; one of {OPS}")
+    n, r, e = world_size, rank, element_size
+    total = numel * e
+    if op == "send":
+        return total, 0
+    if op == "recv":
+        return 0, total
+    if n == 1 or op == "barrier":
+        return 0, 0
+    if op == "all_reduce":
+        size = [c * e for c in chunk_numels(numel, n)]
+        sent = 2 * total - size[(r + 1) % n] - size[(r + 2) % n]
+        recv = 2 * total - size[r % n] - size[(r + 1) % n]
+        return sent, recv
+    if op in ("reduce_scatter", "all_gather"):
+        moved = (n - 1) * (total // n)
+        return moved, moved
+    # broadcast: a chain starting at src
+    distance = (r - src) % n
+    return (total if distance < n - 1 else 0), (total if distance > 0 else 0)
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    """Hockney's model: a message of B bytes takes alpha + B * beta seconds."""
+
+    alpha: float  # seconds per message (latency)
+    beta: float  # seconds per byte (inverse bandwidth)
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second (1 / beta)."""
+        return float("inf") if self.beta == 0 else 1.0 / self.beta
+
+    def predict(self, op: str, nbytes: float, world_size: int) -> float:
+        """Predicted seconds for one call of `op` moving a payload of nbytes (see module doc)."""
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; one of {OPS}")
+        n, a, b = world_size, self.alpha, self.beta
+        if op in ("send", "recv"):
+            return a + nbytes * b
+        if n == 1:
+            return 0.0
+        if op == "all_reduce":
+            return 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes * b
+        if op in ("reduce_scatter", "all_gather"):
+            return (n - 1) * a + (n - 1) / n * nbytes * b
+        if op == "broadcast":
+            return (n - 1) * a + nbytes * b
+        return 2 * (n - 1) * a  # barrier
+
+
+def fit_alpha_beta(nbytes: list[float], seconds: list[float]) -> AlphaBeta:
+    """Least-squares fit of seconds = alpha + nbytes * beta (both clipped at zero)."""
+    if len(nbytes) != len(seconds) or len(nbytes) < 2:
+        raise ValueError("need at least two (nbytes, seconds) pairs of equal length")
+    count = len(nbytes)
+    mean_x = sum(nbytes) / count
+    mean_y = sum(seconds) / count
+    sxx = sum((x - mean_x) ** 2 for x in nbytes)
+    if sxx == 0:
+        raise ValueError("the message sizes must not all be equal")
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(nbytes, seconds, strict=True))
+    beta = max(sxy / sxx, 0.0)
+    alpha = max(mean_y - beta * mean_x, 0.0)
+    return AlphaBeta(alpha=alpha, beta=beta)
