@@ -5,6 +5,7 @@ This module only re-exports the public API (DESIGN.md §3).
 
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
 from .comm import reset_traffic, traffic
+from .parallel import parallelize
 from .telemetry import emit
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "RankError",
     "device",
     "emit",
+    "parallelize",
     "reset_traffic",
     "traffic",
     "rank",

@@ -1,0 +1,58 @@
+"""parallelize(): one entry point that turns a module and an optimizer into a strategy.
+
+This module owns argument checking and the choice of strategy; each strategy lives in its
+own module. Strategies not built yet say so plainly instead of running something else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
+AVAILABLE = ("local", "param_server")
+
+
+def parallelize(
+    module: nn.Module,
+    strategy: str = "ddp",
+    optimizer: Callable | None = None,
+    **options,
+):
+    """Return (model, optimizer) for `strategy`; call inside a rank, every rank alike.
+
+    module:    a plain torch.nn.Module with the same initial values on every rank (strategies
+               that need it broadcast rank 0's values).
+    optimizer: a callable that builds a torch optimizer from parameters, e.g.
+               `lambda params: torch.optim.AdamW(params, lr=1e-3)`.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if optimizer is None:
+        raise TypeError(
+            "parallelize needs optimizer=, a callable that builds one from parameters, e.g. "
+            "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
+        )
+    if isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer):
+        raise TypeError(
+            "optimizer must be a callable that builds the optimizer from parameters (the "
+            "strategy decides which parameters each rank's optimizer holds), e.g. "
+            "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
+        )
+    if strategy not in AVAILABLE:
+        raise NotImplementedError(
+            f"strategy {strategy!r} is not built yet; available now: {', '.join(AVAILABLE)}"
+        )
+    if strategy == "local":
+        if options:
+            raise TypeError(f"strategy 'local' takes no options, got {sorted(options)}")
+        return module, optimizer([p for p in module.parameters() if p.requires_grad])
+    from .param_server import ParameterServerOptimizer
+
+    if set(options) - {"group"}:
+        raise TypeError(f"strategy 'param_server' takes only group=, got {sorted(options)}")
+    return module, ParameterServerOptimizer(module, optimizer, **options)

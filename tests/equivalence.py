@@ -1,0 +1,80 @@
+"""The equivalence harness: train k steps with a strategy on N ranks and in one process on the
+concatenated global batch, from the same init; the parameters must agree to float32 round-off.
+
+The model has parameter sizes that no small world size divides, a frozen parameter and a
+parameter that the forward pass never uses, the cases strategies get wrong first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ddpzero_lab as dzl
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 7)  # 35 + 7 elements
+        self.hidden = nn.Linear(7, 11)  # 77 + 11
+        self.head = nn.Linear(11, 3)  # 33 + 3
+        self.frozen = nn.Parameter(torch.randn(3), requires_grad=False)
+        self.unused = nn.Linear(4, 2)  # never called: its gradient stays None
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        h = torch.relu(self.hidden(h))
+        return self.head(h) + self.frozen
+
+
+def make_model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def global_batch(step: int, world_size: int, local_batch: int):
+    g = torch.Generator().manual_seed(10_000 + step)
+    x = torch.randn(world_size * local_batch, 5, generator=g)
+    y = torch.randn(world_size * local_batch, 3, generator=g)
+    return x, y
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+}
+
+
+def train_single_process(optimizer: str, world_size: int, steps: int, local_batch: int):
+    model = make_model()
+    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad])
+    for step in range(steps):
+        x, y = global_batch(step, world_size, local_batch)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_on_rank(strategy: str, optimizer: str, steps: int, local_batch: int, **options):
+    """Runs inside a rank: the ordinary PyTorch loop over parallelize()'s objects."""
+    rank, world_size = dzl.rank(), dzl.world_size()
+    # A different init on each rank on purpose: the strategy must make them agree.
+    model = make_model(seed=rank)
+    model, opt = dzl.parallelize(model, strategy, optimizer=OPTIMIZERS[optimizer], **options)
+    for step in range(steps):
+        x, y = global_batch(step, world_size, local_batch)
+        mine = slice(rank * local_batch, (rank + 1) * local_batch)
+        loss = nn.functional.mse_loss(model(x[mine]), y[mine])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_parameters(got: dict, want: dict, atol: float = 1e-6) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol, msg=name)
