@@ -246,3 +246,58 @@ def test_ring_all_reduce_at_world_sizes_1_and_5_to_8():
                 for out in cluster.run(_all_reduce_case, numel, torch.float32):
                     assert out["ring"] and out["ours"]
                     assert out["counted"] == out["model"] == out["measured"]
+
+
+def _fallback_case():
+    """Make the backend refuse ops, as an older gloo does, and check the substitutes."""
+    from ddpzero_lab.comm import collectives
+
+    n = dzl.world_size()
+    real_all_reduce = dist.all_reduce
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support this op (not supported)")
+
+    def no_bf16_all_reduce(tensor, *args, **kwargs):
+        if tensor.dtype == torch.bfloat16:
+            raise RuntimeError("Unsupported dtype BFloat16")
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    saved = (collectives._reduce_scatter_native, collectives._all_gather_native)
+    collectives._reduce_scatter_native = refuse
+    collectives._all_gather_native = refuse
+    dist.all_reduce = no_bf16_all_reduce
+    collectives._unsupported.clear()
+    try:
+        x = _data(3 * n, torch.float32, salt=5)
+        rs = torch.empty(3)
+        comm.reduce_scatter(rs, x, tag="rs")
+        ag = torch.empty(3 * n)
+        comm.all_gather(ag, _data(3, torch.float32, salt=6), tag="ag")
+        b = _data(5, torch.bfloat16, salt=7)
+        comm.all_reduce(b, tag="bf16")
+        comm.all_reduce(b.clone(), tag="again")  # second call: straight to the fallback
+    finally:
+        collectives._reduce_scatter_native, collectives._all_gather_native = saved
+        dist.all_reduce = real_all_reduce
+        collectives._unsupported.clear()
+    ref_rs = torch.empty(3)
+    dist.reduce_scatter_tensor(ref_rs, x.clone())
+    ref_ag = torch.empty(3 * n)
+    dist.all_gather_into_tensor(ref_ag, _data(3, torch.float32, salt=6))
+    ref_b = _data(5, torch.bfloat16, salt=7)
+    dist.all_reduce(ref_b)
+    return torch.equal(rs, ref_rs), torch.equal(ag, ref_ag), torch.equal(b, ref_b)
+
+
+def test_fallbacks_give_torchs_result_and_are_marked(ncluster):
+    job = ncluster.submit(_fallback_case)
+    for ok in job.wait():
+        assert ok == (True, True, True)
+    marks = {(e["tag"], e.get("fallback")) for e in job.events if e.kind == "collective"}
+    assert marks == {
+        ("rs", "all_reduce"),
+        ("ag", "all_gather_list"),
+        ("bf16", "float32"),
+        ("again", "float32"),
+    }
