@@ -128,11 +128,36 @@ def test_wait_with_timeout_leaves_the_job_running(cluster):
     assert job.wait(timeout=10) == [None, None]
 
 
-def test_jobs_queue_in_order(cluster):
-    first = cluster.submit(lambda: time.sleep(0.3) or "first")
-    second = cluster.submit(lambda: "second")
-    assert second.wait() == ["second", "second"]
-    assert first.done() and first.wait() == ["first", "first"]
+def test_one_job_at_a_time(cluster):
+    first = cluster.submit(lambda: time.sleep(0.5) or "first")
+    # A second job now would pair its collectives with the first one's: refused, clearly.
+    with pytest.raises(dzl.ClusterError, match="still running.*one job runs at a time"):
+        cluster.submit(lambda: "second")
+    assert first.wait() == ["first", "first"]
+    assert cluster.run(lambda: "second") == ["second", "second"]
+
+
+def test_a_failed_job_nobody_waited_for_is_settled_before_the_next(cluster):
+    def uneven():
+        if dzl.rank() == 0:
+            raise ValueError("rank 0 fails first")
+        t = torch.full((1,), 100.0)
+        dist.all_reduce(t)  # rank 1 waits here for a partner that has left
+        return t.item()
+
+    failed = cluster.submit(uneven)
+    time.sleep(0.3)
+
+    def total():
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return t.item()
+
+    # The next job must not pair its all_reduce with rank 1's pending one.
+    assert cluster.run(total) == [2.0, 2.0]
+    with pytest.raises(dzl.RankError) as info:
+        failed.wait()
+    assert info.value.ranks == [0] and "rank 0 fails first" in str(info.value)
 
 
 def test_tensor_results_come_back_by_value(cluster):

@@ -173,6 +173,7 @@ def test_collective_events_reach_the_parent(ncluster):
 
 def _bad_inputs_case():
     n = dzl.world_size()
+    dzl.reset_traffic()
     errors = {}
     cases = {
         "noncontiguous": lambda: comm.all_reduce(torch.ones(4, 4).t()),

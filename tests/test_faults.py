@@ -317,3 +317,122 @@ def test_jupyter_style_interrupt_cancels_cleanly_and_cluster_stays_usable():
     # replaced by a restart.
     assert report["stuck_generation"] == report["train_generation"] + 1
     assert "Traceback" not in err, err  # no spew of worker tracebacks
+
+
+def test_close_ends_a_running_job_with_a_clear_error():
+    cluster = dzl.LiveCluster(2, timeout=5.0)
+    job = cluster.submit(time.sleep, 60)
+    time.sleep(0.3)
+    cluster.close()
+    start = time.monotonic()
+    with pytest.raises(dzl.ClusterError, match="cancelled: the cluster was closed"):
+        job.wait()
+    assert time.monotonic() - start < 1
+
+
+def test_restart_ends_a_running_job_with_a_clear_error(cluster):
+    job = cluster.submit(time.sleep, 60)
+    time.sleep(0.3)
+    cluster.restart()
+    with pytest.raises(dzl.ClusterError, match="cancelled: the workers were replaced") as info:
+        job.wait(timeout=5)
+    assert "failed on ranks" not in str(info.value)
+    assert _healthy(cluster)
+
+
+def test_exception_whose_str_fails_is_still_reported(cluster):
+    class Opaque(Exception):
+        def __str__(self):
+            raise RuntimeError("no text for you")
+
+    def raise_opaque():
+        raise Opaque()
+
+    with pytest.raises(dzl.RankError) as info:
+        cluster.run(raise_opaque)
+    failure = info.value.failures[0]
+    assert failure.kind == "exception" and failure.exc_type == "Opaque"
+    assert "str() of the exception failed" in failure.message
+    assert not info.value.restarted
+
+
+def test_last_words_of_a_dead_rank_are_from_its_last_job(cluster):
+    def chatter():
+        os.write(2, b"words from an earlier job\n")
+
+    def die_loudly():
+        if dzl.rank() == 1:
+            os.write(2, b"fatal: something native went wrong\n")
+            os._exit(9)
+
+    cluster.run(chatter)
+    with pytest.raises(dzl.RankError) as info:
+        cluster.run(die_loudly)
+    text = str(info.value)
+    assert "fatal: something native went wrong" in text
+    assert "earlier job" not in text
+    assert info.value.failures[1].exitcode == 9
+
+
+def test_dataloader_workers_inside_a_rank_with_a_dataset_defined_in_the_cell(cluster):
+    def load():
+        class Squares(torch.utils.data.Dataset):  # defined here, as in a notebook cell
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                return torch.tensor(float(i * i))
+
+        loader = torch.utils.data.DataLoader(Squares(), batch_size=4, num_workers=2)
+        return torch.cat(list(loader)).sum().item()
+
+    assert cluster.run(load) == [140.0, 140.0]
+
+
+def test_interrupt_while_the_cluster_starts_leaves_nothing_behind():
+    proc = subprocess.Popen(
+        _script("""
+            import glob, json, os, tempfile, time
+            import psutil
+            import ddpzero_lab as dzl
+            pattern = os.path.join(tempfile.gettempdir(), "ddpzero-*")
+            before = set(glob.glob(pattern))
+            print("go", flush=True)
+            try:
+                cluster = dzl.LiveCluster(2, timeout=5.0)
+                outcome = "started"
+                cluster.close()
+            except KeyboardInterrupt:
+                outcome = "interrupted"
+            time.sleep(1.0)
+            def is_worker(p):
+                try:  # a forkserver killed by the interrupt is a zombie: not a worker
+                    line = " ".join(p.cmdline())
+                    return "forkserver" not in line and "resource_tracker" not in line
+                except psutil.Error:
+                    return False
+            workers = [p.pid for p in psutil.Process().children(recursive=True)
+                       if is_worker(p)]
+            leaked = sorted(set(glob.glob(pattern)) - before)
+            print(json.dumps({"outcome": outcome, "workers": workers, "leaked": leaked}))
+        """),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "go"
+        time.sleep(0.5)  # the first start imports torch in the forkserver: about a second
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        # (not communicate(): a leaked worker would hold the pipe open forever)
+        report = json.loads(proc.stdout.readline())
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: nothing may outlive it
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert report["workers"] == [] and report["leaked"] == [], report

@@ -26,6 +26,7 @@ import multiprocessing.connection
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -74,7 +75,14 @@ class _Generation:
         self.world_size = world_size
         self.procs: dict[int, mp.process.BaseProcess] = {}
         self.conns: dict[int, Any] = {}
-        self.send_locks = {rank: threading.Lock() for rank in range(world_size)}
+        # Callers never write to a pipe themselves: a KeyboardInterrupt in the middle of a
+        # write would leave half a message there and the worker deaf. They queue messages for
+        # one sender thread instead (queue.put cannot be torn).
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sender: threading.Thread | None = None
+        # multiprocessing's Process.poll is not thread-safe; the consumer thread (exit codes)
+        # and callers (kill, join) take turns.
+        self.proc_lock = threading.Lock()
         self.store_dir = tempfile.mkdtemp(prefix="ddpzero-")
         self.cond = threading.Condition()
         self.ready: dict[int, dict] = {}
@@ -96,16 +104,44 @@ class _Generation:
             return ""
         return text.strip()
 
-    def send(self, rank: int, message: tuple) -> bool:
-        conn = self.conns.get(rank)
-        if conn is None or rank in self.dead:
-            return False
-        try:
-            with self.send_locks[rank]:
+    def start_sender(self) -> None:
+        self.sender = threading.Thread(
+            target=self._send_loop, name=f"ddpzero-sender-{self.number}", daemon=True
+        )
+        self.sender.start()
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self.outbox.get()
+            if item is None:
+                return
+            rank, message = item
+            conn = self.conns.get(rank)
+            if conn is None or rank in self.dead:
+                continue
+            try:
                 conn.send(message)
-            return True
-        except (OSError, ValueError):
+            except (OSError, ValueError):
+                pass  # the worker is gone; its sentinel reports it
+
+    def send(self, rank: int, message: tuple) -> bool:
+        """Queue a message for a worker; False if that worker is known to be dead."""
+        if rank in self.dead or rank not in self.conns:
             return False
+        self.outbox.put((rank, message))
+        return True
+
+    def exit_code(self, rank: int) -> int | None:
+        with self.proc_lock:
+            proc = self.procs[rank]
+            proc.join(1.0)  # reap it: with spawn the status is not known before waitpid
+            return proc.exitcode
+
+    def kill(self, rank: int) -> None:
+        with self.proc_lock:
+            proc = self.procs.get(rank)
+            if proc is not None and proc.is_alive():
+                proc.kill()  # by pid: only processes this cluster started
 
     def stop(self, graceful: bool) -> None:
         self.stopping = True
@@ -114,12 +150,16 @@ class _Generation:
                 self.send(rank, ("shutdown",))
             deadline = time.monotonic() + 2.0
             for proc in self.procs.values():
-                proc.join(max(0.0, deadline - time.monotonic()))
+                with self.proc_lock:
+                    proc.join(max(0.0, deadline - time.monotonic()))
+        for rank in self.procs:
+            self.kill(rank)
         for proc in self.procs.values():
-            if proc.is_alive():
-                proc.kill()  # by pid: only processes this cluster started
-        for proc in self.procs.values():
-            proc.join(2.0)
+            with self.proc_lock:
+                proc.join(2.0)
+        self.outbox.put(None)
+        if self.sender is not None and self.sender is not threading.current_thread():
+            self.sender.join(2.0)
         for conn in self.conns.values():
             try:
                 conn.close()
@@ -138,7 +178,8 @@ class _Hub:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.gen: _Generation | None = None
-        self.jobs: dict[int, Job] = {}
+        self.jobs: dict[int, Job] = {}  # jobs not yet settled (at most one runs at a time)
+        self.running: Job | None = None
         self.log = telemetry.EventLog()  # events emitted outside any job
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
@@ -166,6 +207,8 @@ class _Hub:
         self.wake()
         if gen is not None:
             gen.stop(graceful=True)
+        for job in list(self.jobs.values()):
+            job._abandon("the cluster was closed")
         if self.thread is not threading.current_thread():
             self.thread.join(5.0)
 
@@ -203,7 +246,7 @@ def _consume(hub: _Hub) -> None:
                 conn = gen.conns[rank]
                 while rank not in gen.eof and _poll(conn):
                     _read_one(hub, gen, rank)
-                _on_death(hub, gen, rank, gen.procs[rank].exitcode)
+                _on_death(hub, gen, rank, gen.exit_code(rank))
 
 
 def _poll(conn) -> bool:
@@ -458,9 +501,7 @@ class Job:
                 outcomes = list(self._outcomes)
             stuck = [r for r, o in enumerate(outcomes) if o.status == "stuck"]
             for rank in stuck:
-                proc = self._gen.procs.get(rank)
-                if proc is not None and proc.is_alive():
-                    proc.kill()
+                self._gen.kill(rank)
             failed = [r for r, o in enumerate(outcomes) if o.status != "ok"]
             reason = None
             if stuck:
@@ -478,14 +519,37 @@ class Job:
                 and not cluster.closed
                 and (cluster._generation == self._gen.number)
             ):
-                cluster._replace_workers(reason)
+                cluster._replace_workers(reason, keep=self)
                 restarted = True
-            self._error = self._build_error(outcomes, interrupted, restarted, reason)
+            self._finish(self._build_error(outcomes, restarted, reason))
+
+    def _abandon(self, reason: str) -> None:
+        """End the job without waiting for its ranks: the workers are gone (restart, close)."""
+        with self._cond:
+            if self._settled:
+                return
+            for rank, outcome in enumerate(self._outcomes):
+                if outcome is None:
+                    self._outcomes[rank] = _Outcome("cancelled")
+            outcomes = list(self._outcomes)
+        self._finish(self._build_error(outcomes, False, reason))
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._cond:
+            if self._settled:
+                return
+            self._error = error
             self._settled = True
+            self._cond.notify_all()
+        self._hub.jobs.pop(self.id, None)
         self._hub.call_soon(self._notify_end)
 
+    def _has_failure(self) -> bool:
+        with self._cond:
+            return self._first_failure is not None
+
     def _build_error(
-        self, outcomes: list[_Outcome], interrupted: bool, restarted: bool, reason: str | None
+        self, outcomes: list[_Outcome], restarted: bool, reason: str | None
     ) -> BaseException | None:
         failures: dict[int, RankFailure] = {}
         for rank, o in enumerate(outcomes):
@@ -514,9 +578,12 @@ class Job:
                 failures[rank] = RankFailure(rank, o.status)
         if not failures:
             return None
-        if interrupted and all(f.kind in ("cancelled", "stuck") for f in failures.values()):
-            why = f" ({reason}; workers replaced)" if restarted else ""
-            return ClusterError(f"job {self.id} ({self.name}) was cancelled{why}")
+        if all(f.kind in ("cancelled", "stuck") for f in failures.values()):
+            # No rank failed on its own: the job was stopped (interrupt, cancel(), restart(),
+            # close()). Say why rather than list "failures".
+            why = f": {reason}" if reason else ""
+            replaced = "; the workers were replaced" if restarted else ""
+            return ClusterError(f"job {self.id} ({self.name}) was cancelled{why}{replaced}")
         ok = [r for r, o in enumerate(outcomes) if o.status == "ok"]
         note = ""
         if ok and any(f.is_comm_error for f in failures.values()):
@@ -601,6 +668,26 @@ def _main_module_hidden():
             main.__dict__.update(saved)
 
 
+def _start_forkserver_uninterruptible() -> None:
+    """Start the forkserver with SIGINT ignored, which it inherits across exec.
+
+    Jupyter's interrupt goes to the kernel's whole process group. The forkserver ignores
+    SIGINT only once it has imported torch (a second or more); an interrupt before that would
+    kill it half-way. Started with SIGINT ignored it is immune from the first instruction, and
+    the learner's interrupt still reaches the notebook, which cleans up.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal dispositions can only be changed from the main thread
+    from multiprocessing import forkserver
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _main_module_hidden():  # the forkserver would import the caller's script too
+            forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _has_forkserver() -> bool:
     return "forkserver" in mp.get_all_start_methods()
 
@@ -618,6 +705,7 @@ def _context(start_method: str):
             _forkserver_ctx.set_forkserver_preload(
                 ["torch", "torch.distributed", "ddpzero_lab.cluster.worker"]
             )
+        _start_forkserver_uninterruptible()
         return _forkserver_ctx
     return mp.get_context(start_method)
 
@@ -737,6 +825,18 @@ class LiveCluster:
     def _start_workers(self) -> None:
         self._generation += 1
         gen = _Generation(self._generation, self.world_size)
+        try:
+            self._launch(gen)
+        except BaseException:
+            # An interrupt (the first start imports torch for seconds) or a failed start:
+            # leave no worker and no temporary directory behind.
+            gen.stop(graceful=False)
+            with self._hub.lock:
+                if self._hub.gen is gen:
+                    self._hub.gen = None
+            raise
+
+    def _launch(self, gen: _Generation) -> None:
         store_path = os.path.join(gen.store_dir, "store")
         env = dict(os.environ)
         for rank in range(self.world_size):
@@ -763,6 +863,7 @@ class LiveCluster:
             child_conn.close()  # so that the parent sees end-of-file when the worker dies
             gen.procs[rank] = proc
             gen.conns[rank] = parent_conn
+        gen.start_sender()
         with self._hub.lock:
             self._hub.gen = gen
         self._hub.wake()
@@ -775,10 +876,7 @@ class LiveCluster:
                 gen.cond.wait(min(0.2, left))
             ready, errors, dead = dict(gen.ready), dict(gen.startup_errors), dict(gen.dead)
         if len(ready) < self.world_size:
-            gen_tail = gen.stderr_tail(min(dead)) if dead else ""
-            gen.stop(graceful=False)
-            with self._hub.lock:
-                self._hub.gen = None
+            gen_tail = gen.stderr_tail(min(dead)) if dead else ""  # read before stop() removes it
             if errors:
                 rank, text = min(errors.items())
                 raise ClusterError(
@@ -842,6 +940,20 @@ class LiveCluster:
         with self._lock:
             if self.closed:
                 raise ClusterError("this LiveCluster is closed; start a new one")
+            previous = self._hub.running
+            if previous is not None and not previous._settled:
+                if previous._has_failure():
+                    # Nobody waited for it: recover now (restart if the process group is out
+                    # of step), so that this job starts on a sound cluster. Its error stays
+                    # on that job.
+                    previous._settle(interrupted=False)
+                elif not previous.done():
+                    raise ClusterError(
+                        f"job {previous.id} ({previous.name}) is still running, and one job runs "
+                        "at a time (two jobs would pair their collectives with each other): "
+                        "wait for it with job.wait(), or stop it with job.cancel() or "
+                        "cluster.cancel()"
+                    )
             gen = self._hub.gen
             if gen is None or gen.broken:
                 why = gen.broken if gen is not None else "it has no workers"
@@ -855,13 +967,24 @@ class LiveCluster:
             name = getattr(fn, "__qualname__", None) or type(fn).__name__
             job = Job(self, gen, next(self._job_ids), name, dashboard, code_files(fn))
             self._hub.jobs[job.id] = job
-            start = getattr(dashboard, "on_job_start", None)
-            if start is not None:
-                self._hub.call_soon(lambda: start(job))
-            for rank in range(self.world_size):
-                if not gen.send(rank, ("task", job.id, payload)):
-                    job._on_outcome(rank, _Outcome("died", exitcode=gen.procs[rank].exitcode))
+            self._hub.running = job
+            try:
+                start = getattr(dashboard, "on_job_start", None)
+                if start is not None:
+                    self._hub.call_soon(lambda: start(job))
+                for rank in range(self.world_size):
+                    if not gen.send(rank, ("task", job.id, payload)):
+                        job._on_outcome(rank, _Outcome("died", exitcode=gen.exit_code(rank)))
+            except BaseException:  # an interrupt right here: nobody will hold this job
+                job.cancel()
+                raise
             return job
+
+    def cancel(self) -> None:
+        """Stop the running job, if any (as job.cancel() does)."""
+        job = self._hub.running
+        if job is not None and not job._settled:
+            job.cancel()
 
     def run(
         self,
@@ -878,21 +1001,15 @@ class LiveCluster:
         return self.submit(fn, *args, dashboard=dashboard, **kwargs).wait()
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _replace_workers(self, reason: str) -> None:
+    def _replace_workers(self, reason: str, keep: Job | None = None) -> None:
         with self._lock:
             with self._hub.lock:
                 old, self._hub.gen = self._hub.gen, None
             if old is not None:
                 old.stop(graceful=False)
-                for job in list(self._hub.jobs.values()):
-                    if job._gen is old:
-                        with job._cond:
-                            for rank, outcome in enumerate(job._outcomes):
-                                if outcome is None:
-                                    job._outcomes[rank] = _Outcome("cancelled")
-                            job._cond.notify_all()
-                        if job._first_failure is None:
-                            job._first_failure = time.monotonic()
+            for job in list(self._hub.jobs.values()):
+                if job is not keep and job._gen is old:
+                    job._abandon(f"the workers were replaced ({reason})")
             self._start_workers()
 
     def restart(self) -> None:

@@ -51,6 +51,8 @@ class JobCancelled(BaseException):
 class _State:
     def __init__(self) -> None:
         self.current_job: int | None = None
+        self.in_fn = False  # True only while the learner's fn runs: cancel interrupts only fn
+        self.delivered: int | None = None  # the job a JobCancelled was raised for (once)
         self.cancelled: set[int] = set()
         self.lock = threading.Lock()
 
@@ -114,9 +116,11 @@ class _Channel:
         blocked = (
             _CANCEL_SIGNAL is not None and threading.current_thread() is threading.main_thread()
         )
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {_CANCEL_SIGNAL})
         try:
+            if blocked:
+                # (pthread_sigmask may itself run a pending handler and raise: inside the try,
+                # so that the signal is unblocked again whatever happens)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {_CANCEL_SIGNAL})
             with self.lock:
                 self.conn.send(message)
         finally:
@@ -174,12 +178,18 @@ def _sequence_number() -> int | None:
 def _describe_exception(exc: BaseException) -> dict[str, Any]:
     # Skip the first frame (this module's task loop): the learner's traceback starts in fn.
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception:  # noqa: BLE001
+        text = f"{type(exc).__name__} (its traceback could not be formatted)"
     try:
         pickled = cloudpickle.dumps(exc)
     except Exception:
         pickled = None
-    message = str(exc)
+    try:
+        message = str(exc)
+    except Exception as inner:  # noqa: BLE001 - an exception whose __str__ fails
+        message = f"<str() of the exception failed: {type(inner).__name__}: {inner}>"
     if isinstance(exc, SystemExit):
         message = f"fn called sys.exit({exc.code!r})"
     return {"type": type(exc).__name__, "message": message, "traceback": text, "exception": pickled}
@@ -215,6 +225,49 @@ def main(
 
     channel = _Channel(conn)
     state = _State()
+    if _CANCEL_SIGNAL is not None:
+
+        def _on_cancel(signum, frame):
+            # Only a cancel for the job whose fn runs right now interrupts, and only once; a
+            # late one is dropped.
+            job = state.current_job
+            if job is not None and state.in_fn and job in state.cancelled:
+                if state.delivered != job:
+                    state.delivered = job
+                    raise JobCancelled()
+
+        signal.signal(_CANCEL_SIGNAL, _on_cancel)
+
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
+    main_thread = threading.main_thread().ident
+
+    def reader() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                # The parent is gone (kernel died or was killed): nobody can use us any more.
+                os._exit(0)
+            except Exception:  # noqa: BLE001
+                # An unreadable message: the stream is out of step and nothing after it can be
+                # trusted. End; the parent sees the death and replaces this worker.
+                os._exit(70)
+            if message[0] == "task":
+                tasks.put(message[1:])
+            elif message[0] == "cancel":
+                job_id = message[1]
+                with state.lock:
+                    state.cancelled.add(job_id)
+                    running = state.current_job == job_id
+                if running and _CANCEL_SIGNAL is not None:
+                    signal.pthread_kill(main_thread, _CANCEL_SIGNAL)
+            elif message[0] == "shutdown":
+                tasks.put(None)
+                return
+
+    # Started before the rendezvous: if the parent dies while this rank waits for its peers,
+    # the pipe's end-of-file still ends it (the forkserver, its parent, may live on).
+    threading.Thread(target=reader, name="ddpzero-reader", daemon=True).start()
     try:
         import torch.distributed as dist
 
@@ -233,45 +286,15 @@ def main(
             **({"device_id": dev} if backend == "nccl" else {}),
         )
         context.set_context(context.RankContext(rank, world_size, dev, backend))
+        if sys.platform.startswith("linux"):
+            # DataLoader workers inside a rank: fork them, as under torchrun, so that a
+            # Dataset defined in a notebook cell (known only by value) reaches them.
+            multiprocessing.set_start_method("fork", force=True)
         telemetry.set_sink(channel.send_event)
     except BaseException:
         channel.send(("startup_error", rank, traceback.format_exc()))
         os._exit(1)
 
-    if _CANCEL_SIGNAL is not None:
-
-        def _on_cancel(signum, frame):
-            # Only a cancel for the job running right now interrupts; a late one is dropped.
-            job = state.current_job
-            if job is not None and job in state.cancelled:
-                raise JobCancelled()
-
-        signal.signal(_CANCEL_SIGNAL, _on_cancel)
-
-    tasks: queue.SimpleQueue = queue.SimpleQueue()
-    main_thread = threading.main_thread().ident
-
-    def reader() -> None:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                # The parent is gone (kernel died or was killed): nobody can use us any more.
-                os._exit(0)
-            if message[0] == "task":
-                tasks.put(message[1:])
-            elif message[0] == "cancel":
-                job_id = message[1]
-                with state.lock:
-                    state.cancelled.add(job_id)
-                    running = state.current_job == job_id
-                if running and _CANCEL_SIGNAL is not None:
-                    signal.pthread_kill(main_thread, _CANCEL_SIGNAL)
-            elif message[0] == "shutdown":
-                tasks.put(None)
-                return
-
-    threading.Thread(target=reader, name="ddpzero-reader", daemon=True).start()
     channel.send(
         (
             "ready",
@@ -291,7 +314,18 @@ def main(
         if task is None:
             break
         job_id, payload = task
-        status, out = _run_task(job_id, payload, rank, channel, state)
+        try:
+            status, out = _run_task(job_id, payload, rank, channel, state)
+        except BaseException as exc:  # noqa: BLE001 - a bug here must still answer the parent
+            status, out = (
+                "error",
+                {
+                    "type": type(exc).__name__,
+                    "message": "the worker's task loop failed (a ddpzero_lab bug)",
+                    "traceback": traceback.format_exc(),
+                    "exception": None,
+                },
+            )
         channel.send(("result", job_id, rank, status, out, _sequence_number()))
     # Skip interpreter teardown: nothing to flush, and a peer may already be gone.
     os._exit(0)
@@ -303,6 +337,14 @@ def _run_task(
     with state.lock:
         if job_id in state.cancelled:
             return "cancelled", None
+        # Set under the lock that the reader takes to decide whether a cancel must interrupt.
+        state.current_job = job_id
+    try:
+        # Start the native-stderr file afresh: what a rank leaves there when it dies must be
+        # from this job (writes append at the new end: the file is open with O_APPEND).
+        os.ftruncate(2, 0)
+    except OSError:
+        pass
     status, out = "cancelled", None
     saved_streams = sys.stdout, sys.stderr
     channel.job = job_id
@@ -310,15 +352,19 @@ def _run_task(
     sys.stderr = _RankStream(channel, "stderr", saved_streams[1])
     try:
         try:
-            state.current_job = job_id
             fn, args, kwargs = cloudpickle.loads(payload)
+            state.in_fn = True
             value = fn(*args, **kwargs)
+            state.in_fn = False
             status, out = "ok", value
         except JobCancelled:
+            state.in_fn = False
             status, out = "cancelled", None
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            state.in_fn = False
             status, out = "error", _describe_exception(exc)
         finally:
+            state.in_fn = False
             state.current_job = None
     except JobCancelled:
         # The cancel signal landed between fn's return and the reset above: keep the outcome.
