@@ -20,10 +20,12 @@ the bandwidth-optimal algorithms for large messages; Patarasuk & Yuan, JPDC 2009
   barrier         0 bytes (it is synchronisation only).
 With N = 1 nothing is sent or received.
 
-Time model (Hockney's α-β): one message of B bytes takes α + B·β; α is the latency, β the
-inverse bandwidth (seconds per byte). For the ops above:
-  all_reduce      2(N-1)·α + 2(N-1)/N·B·β
-  reduce_scatter  (N-1)·α + (N-1)/N·B·β          all_gather: the same
+Time model (Hockney's α-β, with Thakur et al.'s γ): one message of B bytes takes α + B·β;
+α is the latency, β the inverse bandwidth (seconds per byte), γ the time to reduce one byte
+(an add on the CPU or GPU). For the ops above:
+  all_reduce      2(N-1)·α + 2(N-1)/N·B·β + (N-1)/N·B·γ
+  reduce_scatter  (N-1)·α + (N-1)/N·B·β + (N-1)/N·B·γ
+  all_gather      (N-1)·α + (N-1)/N·B·β
   broadcast       (N-1)·α + B·β                  (pipelined chain)
   send / recv     α + B·β
   barrier         2(N-1)·α
@@ -82,10 +84,12 @@ def traffic_model(
 
 @dataclass(frozen=True)
 class AlphaBeta:
-    """Hockney's model: a message of B bytes takes alpha + B * beta seconds."""
+    """Hockney's model: a message of B bytes takes alpha + B * beta seconds; reducing B bytes
+    takes B * gamma more (0 unless measured)."""
 
     alpha: float  # seconds per message (latency)
     beta: float  # seconds per byte (inverse bandwidth)
+    gamma: float = 0.0  # seconds per byte reduced (computation)
 
     @property
     def bandwidth(self) -> float:
@@ -96,31 +100,45 @@ class AlphaBeta:
         """Predicted seconds for one call of `op` moving a payload of nbytes (see module doc)."""
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; one of {OPS}")
-        n, a, b = world_size, self.alpha, self.beta
+        n, a, b, g = world_size, self.alpha, self.beta, self.gamma
         if op in ("send", "recv"):
             return a + nbytes * b
         if n == 1:
             return 0.0
         if op == "all_reduce":
-            return 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes * b
-        if op in ("reduce_scatter", "all_gather"):
+            return 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes * b + (n - 1) / n * nbytes * g
+        if op == "reduce_scatter":
+            return (n - 1) * a + (n - 1) / n * nbytes * (b + g)
+        if op == "all_gather":
             return (n - 1) * a + (n - 1) / n * nbytes * b
         if op == "broadcast":
             return (n - 1) * a + nbytes * b
         return 2 * (n - 1) * a  # barrier
 
 
-def fit_alpha_beta(nbytes: list[float], seconds: list[float]) -> AlphaBeta:
-    """Least-squares fit of seconds = alpha + nbytes * beta (both clipped at zero)."""
+def fit_alpha_beta(
+    nbytes: list[float], seconds: list[float], relative: bool = True, gamma: float = 0.0
+) -> AlphaBeta:
+    """Least-squares fit of seconds = alpha + nbytes * beta (both clipped at zero).
+
+    relative=True minimises the *relative* error (weights 1/seconds²). Message times span
+    orders of magnitude; a plain fit lets the noise of the largest messages decide alpha,
+    while a relative one fits alpha on the small messages and beta on the large ones.
+    """
     if len(nbytes) != len(seconds) or len(nbytes) < 2:
         raise ValueError("need at least two (nbytes, seconds) pairs of equal length")
-    count = len(nbytes)
-    mean_x = sum(nbytes) / count
-    mean_y = sum(seconds) / count
-    sxx = sum((x - mean_x) ** 2 for x in nbytes)
-    if sxx == 0:
+    if len(set(nbytes)) < 2:
         raise ValueError("the message sizes must not all be equal")
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(nbytes, seconds, strict=True))
+    if relative and min(seconds) <= 0:
+        raise ValueError("relative fitting needs positive times")
+    weights = [1.0 / (y * y) if relative else 1.0 for y in seconds]
+    total = sum(weights)
+    mean_x = sum(w * x for w, x in zip(weights, nbytes, strict=True)) / total
+    mean_y = sum(w * y for w, y in zip(weights, seconds, strict=True)) / total
+    sxx = sum(w * (x - mean_x) ** 2 for w, x in zip(weights, nbytes, strict=True))
+    sxy = sum(
+        w * (x - mean_x) * (y - mean_y) for w, x, y in zip(weights, nbytes, seconds, strict=True)
+    )
     beta = max(sxy / sxx, 0.0)
     alpha = max(mean_y - beta * mean_x, 0.0)
-    return AlphaBeta(alpha=alpha, beta=beta)
+    return AlphaBeta(alpha=alpha, beta=beta, gamma=gamma)
