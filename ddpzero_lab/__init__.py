@@ -5,6 +5,7 @@ This module only re-exports the public API (DESIGN.md §3).
 
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
 from .comm import reset_traffic, traffic
+from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
 from .parallel import parallelize
 from .telemetry import emit
 
@@ -14,12 +15,15 @@ __all__ = [
     "ClusterError",
     "Job",
     "LiveCluster",
+    "MemoryTracker",
     "RankError",
     "device",
     "emit",
+    "model_state_bytes",
     "parallelize",
     "reset_traffic",
     "traffic",
     "rank",
     "world_size",
+    "zero_memory_estimate",
 ]

@@ -11,6 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..cluster.context import in_worker
+from ..memory import MemoryTracker
+
 STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
 AVAILABLE = ("local", "param_server")
 
@@ -19,6 +22,7 @@ def parallelize(
     module: nn.Module,
     strategy: str = "ddp",
     optimizer: Callable | None = None,
+    track_memory: bool | None = None,
     **options,
 ):
     """Return (model, optimizer) for `strategy`; call inside a rank, every rank alike.
@@ -27,6 +31,8 @@ def parallelize(
                that need it broadcast rank 0's values).
     optimizer: a callable that builds a torch optimizer from parameters, e.g.
                `lambda params: torch.optim.AdamW(params, lr=1e-3)`.
+    track_memory: emit `memory` events at each phase of a step (default: on inside a
+               LiveCluster rank, off elsewhere).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -50,9 +56,15 @@ def parallelize(
     if strategy == "local":
         if options:
             raise TypeError(f"strategy 'local' takes no options, got {sorted(options)}")
-        return module, optimizer([p for p in module.parameters() if p.requires_grad])
-    from .param_server import ParameterServerOptimizer
+        model, opt = module, optimizer([p for p in module.parameters() if p.requires_grad])
+    else:
+        from .param_server import ParameterServerOptimizer
 
-    if set(options) - {"group"}:
-        raise TypeError(f"strategy 'param_server' takes only group=, got {sorted(options)}")
-    return module, ParameterServerOptimizer(module, optimizer, **options)
+        if set(options) - {"group"}:
+            raise TypeError(f"strategy 'param_server' takes only group=, got {sorted(options)}")
+        model, opt = module, ParameterServerOptimizer(module, optimizer, **options)
+    if track_memory is None:
+        track_memory = in_worker()
+    if track_memory:
+        MemoryTracker().attach(model, opt)
+    return model, opt

@@ -1,0 +1,374 @@
+"""Where memory goes: per-rank byte accounting, a tracker, and the ZeRO paper's model.
+
+This module owns three things:
+
+* `model_state_bytes(model, optimizer)`: the bytes this rank holds for parameters, gradients
+  and optimizer state, counted from the real tensors. Every storage is counted once, in full,
+  whatever views share it: a flat buffer with padding counts as the whole buffer. Module
+  buffers (BatchNorm statistics) and scratch memory (communication buffers) get their own keys
+  and are never folded into the three. A strategy that holds tensors the module and optimizer
+  do not show (flat shards, fp32 master weights, buckets) lists them in a `memory_tensors()`
+  method on the model or the optimizer: {category: [tensors]}.
+* `MemoryTracker`: emits `memory` events at the phases of a step (after_forward,
+  after_backward, after_step) with model state by category, activation bytes measured with
+  saved-tensor hooks, process RSS (and CUDA figures on a GPU). `parallelize` attaches one.
+* `zero_memory_estimate(...)`: the model of Rajbhandari et al., "ZeRO: Memory Optimizations
+  Toward Training Trillion Parameter Models", SC20, §5.1 and Table 1: with Ψ parameters, N_d
+  data-parallel ranks and K bytes of optimizer state per parameter, a rank holds
+      stage 0 (DP)        (2 + 2 + K)·Ψ
+      stage 1 (P_os)      2Ψ + 2Ψ + K·Ψ/N_d
+      stage 2 (P_os+g)    2Ψ + (2 + K)·Ψ/N_d
+      stage 3 (P_os+g+p)  (2 + 2 + K)·Ψ/N_d
+  for mixed-precision Adam (2-byte parameters and gradients, K = 12: fp32 master weights,
+  momentum and variance). `FP32_ADAM` is the plain float32 preset (4 + 4 + 8).
+
+It knows nothing of processes or widgets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import telemetry
+
+CATEGORIES = ("params", "grads", "optimizer", "buffers", "scratch")
+
+
+# --- counting real tensors ---------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    storage = t.untyped_storage()
+    return (t.device.type, t.device.index, storage.data_ptr())
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 4 and isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors_in(value, depth + 1)
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors_in(value, depth + 1)
+
+
+def _strategy_tensors(*owners: Any) -> dict[str, list[torch.Tensor]]:
+    found: dict[str, list[torch.Tensor]] = {}
+    for owner in owners:
+        provide = getattr(owner, "memory_tensors", None)
+        if callable(provide):
+            for category, tensors in provide().items():
+                if category not in CATEGORIES:
+                    raise ValueError(f"memory_tensors(): unknown category {category!r}")
+                found.setdefault(category, []).extend(tensors)
+    return found
+
+
+def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
+    """Bytes this rank holds: {"params", "grads", "optimizer", "buffers", "scratch"}.
+
+    Counted from the tensors themselves, each storage once and in full; the first category a
+    storage is found in wins, in the order params, grads, optimizer, buffers, scratch.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    module = getattr(model, "module", model)
+    groups: dict[str, list[torch.Tensor]] = {c: [] for c in CATEGORIES}
+    groups["params"].extend(module.parameters())
+    groups["grads"].extend(p.grad for p in module.parameters() if p.grad is not None)
+    inner = getattr(optimizer, "optimizer", optimizer)  # wrappers keep the torch optimizer
+    if isinstance(inner, torch.optim.Optimizer):
+        groups["optimizer"].extend(_tensors_in(inner.state))
+    groups["buffers"].extend(module.buffers())
+    for category, tensors in _strategy_tensors(model, optimizer).items():
+        groups[category].extend(tensors)
+    seen: set[tuple] = set()
+    totals = dict.fromkeys(CATEGORIES, 0)
+    for category in CATEGORIES:
+        for t in groups[category]:
+            key = _storage_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            totals[category] += t.untyped_storage().nbytes()
+    return totals
+
+
+def optimizer_state_breakdown(optimizer: Any) -> dict[str, int]:
+    """Optimizer bytes by state name, e.g. {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}:
+    the small per-tensor scalars (Adam's step counters) are shown, not rounded away."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        return {}
+    out: dict[str, int] = {}
+    seen: set[tuple] = set()
+    for state in inner.state.values():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                key = _storage_key(value)
+                if key not in seen:
+                    seen.add(key)
+                    out[name] = out.get(name, 0) + value.untyped_storage().nbytes()
+    return out
+
+
+# --- the tracker ----------------------------------------------------------------------------
+
+
+class _ActivationCounter:
+    """Counts the bytes autograd saves for backward during a forward pass (saved-tensor
+    hooks), each storage once, leaving out parameters (they are model state, not
+    activations)."""
+
+    def __init__(self, exclude: set[tuple]) -> None:
+        self.exclude = exclude
+        self.seen: set[tuple] = set()
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in self.seen and key not in self.exclude:
+            self.seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class MemoryTracker:
+    """Emits a `memory` event at each phase of a training step.
+
+    attach(model, optimizer) hooks the model's forward (after_forward, with the activation
+    bytes saved for backward) and wraps optimizer.step (after_backward just before the step,
+    after_step just after). The learner's loop does not change. The cost per phase is one walk
+    over the parameter and optimizer tensors and one RSS read: microseconds for lesson-sized
+    models.
+    """
+
+    def __init__(self, emit: bool = True) -> None:
+        self.emit = emit
+        self.step = 0
+        self.activations = 0
+        self.last: dict[str, dict] = {}
+        self._model: nn.Module | None = None
+        self._optimizer: Any = None
+        self._counter: _ActivationCounter | None = None
+        self._hooks_ctx: contextlib.AbstractContextManager | None = None
+        self._handles: list = []
+
+    def attach(self, model: nn.Module, optimizer: Any) -> MemoryTracker:
+        if self._model is not None:
+            raise RuntimeError("this MemoryTracker is already attached")
+        self._model, self._optimizer = model, optimizer
+        self._handles.append(model.register_forward_pre_hook(self._before_forward))
+        self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
+        original_step = optimizer.step
+
+        def step(*args, **kwargs):
+            self.record("after_backward")
+            out = original_step(*args, **kwargs)
+            self.record("after_step")
+            self.step += 1
+            return out
+
+        optimizer.step = step
+        self._original_step = original_step
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._optimizer is not None:
+            self._optimizer.step = self._original_step
+        self._model = self._optimizer = None
+
+    def _before_forward(self, module, args) -> None:
+        if not torch.is_grad_enabled():
+            return
+        module_ = getattr(module, "module", module)
+        params = {_storage_key(p) for p in module_.parameters()}
+        self._counter = _ActivationCounter(params)
+        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(
+            self._counter.pack, self._counter.unpack
+        )
+        self._hooks_ctx.__enter__()
+
+    def _after_forward(self, module, args, output) -> None:
+        if self._hooks_ctx is None:
+            return
+        self._hooks_ctx.__exit__(None, None, None)
+        self._hooks_ctx = None
+        self.activations = self._counter.bytes if self._counter is not None else 0
+        self.record("after_forward")
+
+    def record(self, phase: str) -> dict:
+        """Measure now and emit a `memory` event for `phase`; returns the fields."""
+        fields: dict[str, Any] = {"phase": phase, "step": self.step}
+        fields.update(model_state_bytes(self._model, self._optimizer))
+        # activations live from forward until backward has consumed them
+        fields["activations"] = self.activations if phase == "after_forward" else 0
+        fields["rss"] = _rss()
+        device = next(iter(self._model.parameters()), torch.empty(0)).device
+        if device.type == "cuda":
+            fields["cuda_allocated"] = torch.cuda.memory_allocated(device)
+            fields["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+            fields["cuda_reserved"] = torch.cuda.memory_reserved(device)
+        fields["time_s"] = time.perf_counter()
+        self.last[phase] = fields
+        if self.emit:
+            telemetry.emit("memory", **{k: v for k, v in fields.items() if k != "time_s"})
+        return fields
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - no psutil: report nothing rather than fail a step
+        return 0
+
+
+# --- the ZeRO paper's model ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per parameter of each kind of model state."""
+
+    params: float
+    grads: float
+    optimizer: float  # K in the paper
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+MIXED_ADAM = Precision(params=2, grads=2, optimizer=12)  # the paper's setting
+FP32_ADAM = Precision(params=4, grads=4, optimizer=8)
+PRESETS = {"mixed_adam": MIXED_ADAM, "fp32_adam": FP32_ADAM}
+STAGE_NAMES = {0: "DP", 1: "P_os", 2: "P_os+g", 3: "P_os+g+p"}
+
+
+def zero_memory_estimate(
+    num_params: float,
+    world_size: int,
+    stage: int,
+    params_bytes: float | None = None,
+    grads_bytes: float | None = None,
+    optimizer_bytes_per_param: float | None = None,
+    preset: str = "mixed_adam",
+) -> dict[str, float]:
+    """Model-state bytes per rank under ZeRO `stage` (0-3), by category, plus "total".
+
+    Defaults are the paper's mixed-precision Adam (2 + 2 + 12 bytes per parameter);
+    preset="fp32_adam" gives 4 + 4 + 8; explicit byte counts override the preset.
+    """
+    if isinstance(num_params, bool) or not isinstance(num_params, Real) or num_params < 0:
+        raise ValueError(f"num_params must be a non-negative number, got {num_params!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if stage not in STAGE_NAMES or isinstance(stage, bool):
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    base = PRESETS[preset]
+    per = Precision(
+        params=base.params if params_bytes is None else params_bytes,
+        grads=base.grads if grads_bytes is None else grads_bytes,
+        optimizer=base.optimizer
+        if optimizer_bytes_per_param is None
+        else optimizer_bytes_per_param,
+    )
+    for name, value in (
+        ("params_bytes", per.params),
+        ("grads_bytes", per.grads),
+        ("optimizer_bytes_per_param", per.optimizer),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    psi, n = float(num_params), world_size
+    out = {
+        "params": per.params * psi / (n if stage >= 3 else 1),
+        "grads": per.grads * psi / (n if stage >= 2 else 1),
+        "optimizer": per.optimizer * psi / (n if stage >= 1 else 1),
+    }
+    out["total"] = out["params"] + out["grads"] + out["optimizer"]
+    return out
+
+
+# Table 1 of the ZeRO paper: GB per device (decimal), for Ψ = 7.5B, 128B and 1T parameters,
+# K = 12, columns P_os, P_os+g, P_os+g+p. Kept as printed, to test the model against.
+PAPER_TABLE_1 = {
+    7.5e9: {
+        1: (120, 120, 120),
+        4: (52.5, 41.3, 30),
+        16: (35.6, 21.6, 7.5),
+        64: (31.4, 16.6, 1.88),
+        256: (30.4, 15.4, 0.47),
+        1024: (30.1, 15.1, 0.12),
+    },
+    128e9: {
+        1: (2048, 2048, 2048),
+        4: (896, 704, 512),
+        16: (608, 368, 128),
+        64: (536, 284, 32),
+        256: (518, 263, 8),
+        1024: (513, 257, 2),
+    },
+    1e12: {
+        1: (16000, 16000, 16000),
+        4: (7000, 5500, 4000),
+        16: (4750, 2875, 1000),
+        64: (4187, 2218, 250),
+        256: (4046, 2054, 62.5),
+        1024: (4011, 2013, 15.6),
+    },
+}
+
+
+def memory_table(
+    num_params: float,
+    world_sizes: Iterable[int],
+    preset: str = "mixed_adam",
+    **bytes_per_param: float,
+) -> str:
+    """Table 1's layout for one model: GB per rank (decimal) for each stage and world size."""
+    rows = [f"{'N_d':>6} " + " ".join(f"{STAGE_NAMES[s]:>10}" for s in range(4))]
+    for n in world_sizes:
+        cells = []
+        for stage in range(4):
+            gb = (
+                zero_memory_estimate(num_params, n, stage, preset=preset, **bytes_per_param)[
+                    "total"
+                ]
+                / 1e9
+            )
+            cells.append(f"{format_gb(gb):>10}")
+        rows.append(f"{n:>6} " + " ".join(cells))
+    return "\n".join(rows)
+
+
+def format_gb(gb: float) -> str:
+    """A GB figure as Table 1 prints it: whole GB (cut, not rounded) from 100 GB up, one
+    decimal from 10 GB, two below (half up), trailing zeros dropped: 4187, 41.3, 7.5, 0.12."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    if gb >= 100:
+        return str(int(gb))
+    places = Decimal("0.1") if gb >= 10 else Decimal("0.01")
+    text = f"{Decimal(repr(gb)).quantize(places, rounding=ROUND_HALF_UP):f}"
+    return text.rstrip("0").rstrip(".")
