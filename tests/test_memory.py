@@ -11,6 +11,7 @@ import torch
 from conftest import REPO
 from torch import nn
 
+import ddpzero_lab as dzl
 from ddpzero_lab import telemetry
 from ddpzero_lab.memory import (
     PAPER_TABLE_1,
