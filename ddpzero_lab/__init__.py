@@ -6,13 +6,14 @@ This module only re-exports the public API (DESIGN.md §3).
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
 from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
-from .parallel import parallelize
+from .parallel import DDP, parallelize
 from .telemetry import emit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClusterError",
+    "DDP",
     "Job",
     "LiveCluster",
     "MemoryTracker",

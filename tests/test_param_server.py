@@ -66,6 +66,10 @@ def test_parallelize_checks_its_arguments():
         dzl.parallelize("model", "local", optimizer=lambda p: torch.optim.SGD(p, lr=1))
     with pytest.raises(NotImplementedError, match="not built yet"):
         dzl.parallelize(model, "zero3", optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    with pytest.raises(TypeError, match="only group="):
+        dzl.parallelize(
+            model, "param_server", optimizer=lambda p: torch.optim.SGD(p, lr=1), bucket_cap_mb=1
+        )
 
 
 def test_local_strategy_is_the_module_and_its_optimizer():

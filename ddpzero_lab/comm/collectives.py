@@ -85,12 +85,26 @@ def record(
 
 
 class TimedWork:
-    """The handle of an async op: `wait()` waits for the op, then counts it."""
+    """The handle of an async op: `wait()` waits for the op, then counts it.
+
+    The op's `end` is when it really completed (a callback on the backend's future marks
+    it), not when somebody got round to waiting: a timeline then shows how much of the
+    communication backward hid.
+    """
 
     def __init__(self, work, on_done) -> None:
         self._work = work
         self._on_done = on_done
         self._counted = False
+        self.completed_at: float | None = None
+        if work is not None:
+            try:
+                work.get_future().add_done_callback(self._mark)
+            except (AttributeError, RuntimeError):
+                pass  # no future for this op on this backend: wait() marks the end
+
+    def _mark(self, _future) -> None:
+        self.completed_at = time.time()
 
     def wait(self, timeout=None) -> bool:
         if self._work is not None:
@@ -100,7 +114,7 @@ class TimedWork:
                 self._work.wait(timeout)
         if not self._counted:
             self._counted = True
-            self._on_done()
+            self._on_done(self.completed_at or time.time())
         return True
 
     def is_completed(self) -> bool:
@@ -214,14 +228,14 @@ def _launch(
 
     extra = {"fallback": used} if used else {}
 
-    def done() -> None:
-        record(op, nbytes, sent, recv, start, time.time(), tag, **extra)
+    def done(end: float) -> None:
+        record(op, nbytes, sent, recv, start, end, tag, **extra)
 
     if async_op:
         return TimedWork(work, done)
     if work is not None:
         work.wait()
-    done()
+    done(time.time())
     return None
 
 

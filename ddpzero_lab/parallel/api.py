@@ -15,7 +15,7 @@ from ..cluster.context import in_worker
 from ..memory import MemoryTracker
 
 STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
-AVAILABLE = ("local", "param_server")
+AVAILABLE = ("local", "ddp", "param_server")
 
 
 def parallelize(
@@ -57,6 +57,11 @@ def parallelize(
         if options:
             raise TypeError(f"strategy 'local' takes no options, got {sorted(options)}")
         model, opt = module, optimizer([p for p in module.parameters() if p.requires_grad])
+    elif strategy == "ddp":
+        from .ddp import DDP
+
+        model = DDP(module, **options)
+        opt = optimizer([p for p in module.parameters() if p.requires_grad])
     else:
         from .param_server import ParameterServerOptimizer
 

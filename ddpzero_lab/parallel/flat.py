@@ -1,0 +1,84 @@
+"""Flat buffers: many tensors laid end to end in one, and the shard arithmetic on it.
+
+This module owns the layout math shared by DDP's gradient buckets and ZeRO's flat shards: the
+offset of each tensor in a flat buffer, padding of the buffer to a multiple of the world size
+(ZeRO's partitioning: rank r owns the contiguous slice r, so one tensor may be split across
+ranks), views of each tensor into a buffer, and which rank owns which element range of which
+tensor. It communicates nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each of a list of tensors sits in one flat buffer."""
+
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]
+    numel: int  # elements of real data
+    padded_numel: int  # buffer length: numel rounded up to a multiple of `align`
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor], align: int = 1) -> FlatLayout:
+        return cls.from_shapes([t.shape for t in tensors], align)
+
+    @classmethod
+    def from_shapes(cls, shapes: Sequence[torch.Size], align: int = 1) -> FlatLayout:
+        if align < 1:
+            raise ValueError(f"align must be >= 1, got {align}")
+        offsets, total = [], 0
+        for shape in shapes:
+            offsets.append(total)
+            total += int(torch.Size(shape).numel())
+        padded = -(-total // align) * align
+        return cls(tuple(torch.Size(s) for s in shapes), tuple(offsets), total, padded)
+
+    def sizes(self) -> list[int]:
+        return [int(s.numel()) for s in self.shapes]
+
+    def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor as a view into `buffer` (which must hold at least numel elements)."""
+        if buffer.numel() < self.numel:
+            raise ValueError(f"buffer has {buffer.numel()} elements, the layout needs {self.numel}")
+        return [
+            buffer[offset : offset + int(shape.numel())].view(shape)
+            for shape, offset in zip(self.shapes, self.offsets, strict=True)
+        ]
+
+    def flatten(self, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None):
+        """Copy `tensors` into a flat buffer (new, zero-padded, unless `out` is given)."""
+        if out is None:
+            first = tensors[0]
+            out = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
+        for view, t in zip(self.views(out), tensors, strict=True):
+            view.copy_(t)
+        return out
+
+    # -- sharding (ZeRO) --------------------------------------------------------------------
+    def shard_range(self, rank: int, world_size: int) -> tuple[int, int]:
+        """[start, end) of rank's slice of the padded buffer."""
+        if self.padded_numel % world_size:
+            raise ValueError(
+                f"padded length {self.padded_numel} is not a multiple of world_size {world_size}"
+            )
+        size = self.padded_numel // world_size
+        return rank * size, (rank + 1) * size
+
+    def owners(self, index: int, world_size: int) -> list[tuple[int, int, int]]:
+        """For tensor `index`: [(rank, start, end)] of its elements (in the tensor's own
+        flattened numbering) that each rank owns."""
+        begin = self.offsets[index]
+        end = begin + int(self.shapes[index].numel())
+        out = []
+        for rank in range(world_size):
+            lo, hi = self.shard_range(rank, world_size)
+            a, b = max(lo, begin), min(hi, end)
+            if a < b:
+                out.append((rank, a - begin, b - begin))
+        return out
