@@ -66,7 +66,8 @@ class EventConsumer(Protocol):
     `on_event` is called from the cluster's single consumer thread, once per event, in arrival
     order. It must be quick and must not print (output from a background thread lands in
     whichever notebook cell runs next): set widget state, append to a list. Optional methods
-    `on_job_start(job)` and `on_job_end(job)` are called when present.
+    `on_job_start(job)` and `on_job_end(job)` are called on the same thread when present, and
+    `on_wait_end(job)` on the caller's thread when `run`/`wait` returns.
     """
 
     def on_event(self, event: Event) -> None: ...
@@ -158,6 +159,23 @@ def make_event(kind: str, fields: dict[str, Any], rank: int | None = None) -> Ev
         time=time.time(),
         fields=dict(fields),
     )
+
+
+EVERY_RANK = -1  # an owner range held by every rank (replicated)
+
+
+def shard_map_entry(name: str, numel: int, params, grads, optimizer) -> dict[str, Any]:
+    """One parameter of a `shard_map` event: who holds which elements of its parameters,
+    gradients and optimizer state. Each of the three is a list of [rank, start, end] element
+    ranges of the flattened parameter; rank EVERY_RANK (-1) means every rank holds that range.
+    """
+    return {
+        "name": name,
+        "numel": int(numel),
+        "params": params,
+        "grads": grads,
+        "optimizer": optimizer,
+    }
 
 
 def emit(kind: str, **fields: Any) -> None:

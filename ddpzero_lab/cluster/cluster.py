@@ -358,6 +358,7 @@ class Job:
         self._first_failure: float | None = None
         self._settled = False
         self._ended_notified = False
+        self._wait_end_notified = False
         self._results: list | None = None
         self._error: BaseException | None = None
         self.consumer_errors: list[str] = []
@@ -411,7 +412,30 @@ class Job:
             raise
         finally:
             self._print_output()
+            self._notify_wait_end()
         return self._final()
+
+    def _notify_wait_end(self) -> None:
+        # In the caller's thread (the notebook cell's): a dashboard refreshes what the saved
+        # notebook will show. Once per job.
+        hook = getattr(self._dashboard, "on_wait_end", None)
+        if hook is None or self._wait_end_notified or not self.done():
+            return
+        self._wait_end_notified = True
+        try:
+            hook(self)
+        except Exception as exc:  # noqa: BLE001
+            self.consumer_errors.append(f"{type(exc).__name__}: {exc}")
+
+    def save_events(self, path) -> str:
+        """Write the events received so far as JSON lines (replay them with
+        dzl.Dashboard.from_events(path))."""
+        import json
+
+        with open(path, "w", encoding="utf-8") as fh:
+            for event in self._log.snapshot():
+                fh.write(json.dumps({**event.to_dict(), "job": event.job}) + "\n")
+        return str(path)
 
     def _print_output(self) -> None:
         # Runs in the caller's thread (the notebook cell's), so the lines land in that cell.

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm, telemetry
-from .flat import FlatLayout
+from .flat import FlatLayout, emit_shard_map, replicated
 
 MB = 1024 * 1024
 _COMPRESSION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,6 +159,13 @@ class DDP(nn.Module):
             p.register_post_accumulate_grad_hook(self._make_hook(i))
             for i, (_, p) in enumerate(self._params)
         ]
+        # every rank holds everything: parameters, gradients, optimizer state
+        emit_shard_map(
+            "ddp",
+            self._params,
+            lambda i, n: (replicated(n), replicated(n), replicated(n)),
+            self.world_size,
+        )
 
     # -- buckets ----------------------------------------------------------------------------
     def _build_buckets(self, order: list[int]) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import telemetry
+
 
 @dataclass(frozen=True)
 class FlatLayout:
@@ -82,3 +84,31 @@ class FlatLayout:
             if a < b:
                 out.append((rank, a - begin, b - begin))
         return out
+
+
+def emit_shard_map(
+    strategy: str, named: Sequence[tuple[str, torch.Tensor]], holders, world_size: int
+) -> None:
+    """Emit the `shard_map` event describing who holds what (rank 0 speaks for all).
+
+    holders(index, numel) -> (params, grads, optimizer) owner lists, each a list of
+    [rank, start, end] ranges (rank telemetry.EVERY_RANK for replicated).
+    """
+    from ..cluster.context import rank
+
+    if rank() != 0:
+        return
+    entries = []
+    for index, (name, p) in enumerate(named):
+        owned_params, owned_grads, owned_state = holders(index, p.numel())
+        entries.append(
+            telemetry.shard_map_entry(name, p.numel(), owned_params, owned_grads, owned_state)
+        )
+    element = named[0][1].element_size() if named else 4
+    telemetry.emit(
+        "shard_map", strategy=strategy, world_size=world_size, element_size=element, params=entries
+    )
+
+
+def replicated(numel: int) -> list[list[int]]:
+    return [[telemetry.EVERY_RANK, 0, int(numel)]]

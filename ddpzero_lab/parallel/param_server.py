@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
+from .flat import emit_shard_map, replicated
 
 SERVER = 0
 
@@ -62,6 +63,14 @@ class ParameterServerOptimizer:
             for tensor in [*module.parameters(), *module.buffers()]:
                 comm.broadcast(tensor.data, self.server, group=group, tag="init")
         self.optimizer = optimizer(self.params) if self.rank == SERVER else None
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        emit_shard_map(
+            "param_server",
+            named,
+            # replicas of parameters and gradients everywhere; optimizer state on the server
+            lambda i, n: (replicated(n), replicated(n), [[SERVER, 0, n]]),
+            self.world_size,
+        )
 
     # -- the torch.optim.Optimizer surface the training loop uses -----------------------------
     @property
