@@ -8,14 +8,17 @@ from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
 from .parallel import DDP, parallelize
 from .telemetry import emit
+from .viz import Dashboard, MemoryCalculator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClusterError",
     "DDP",
+    "Dashboard",
     "Job",
     "LiveCluster",
+    "MemoryCalculator",
     "MemoryTracker",
     "RankError",
     "device",

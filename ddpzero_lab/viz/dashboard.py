@@ -52,10 +52,14 @@ def _tidy(fig) -> None:
         ax.tick_params(labelsize=7)
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight: bool = False) -> bytes:
     buffer = io.BytesIO()
-    # fast compression: a frame lives for half a second
-    fig.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})
+    # live frames: fast compression and no tight box (it costs a second layout pass); a frame
+    # lives for half a second. The final picture is drawn tight, legends included.
+    if tight:
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+    else:
+        fig.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
 
 
@@ -128,7 +132,7 @@ class Dashboard:
         """Called in the notebook's own thread when `run`/`wait` returns: refresh the plain
         PNG of the display so that a headless run saves the final picture."""
         self.render()
-        self._png = _png(self.figure())
+        self._png = _png(self.figure(), tight=True)
         if self._displayed:
             try:
                 from IPython.display import update_display
@@ -143,7 +147,7 @@ class Dashboard:
         for event in events:
             self.state.update(event)
         self.render()
-        self._png = _png(self.figure())
+        self._png = _png(self.figure(), tight=True)
         return self
 
     def render(self) -> dict[str, bytes]:
@@ -159,7 +163,7 @@ class Dashboard:
                 if self._drawn_versions.get(panel) == version and panel in self._panel_png:
                     continue
                 fig = Figure(figsize=(self.width_in, _ROW_HEIGHT_IN), dpi=self.dpi)
-                spec = fig.add_gridspec(1, 1, left=0.08, right=0.98, top=0.86, bottom=0.2)[0, 0]
+                spec = fig.add_gridspec(1, 1, left=0.08, right=0.88, top=0.86, bottom=0.2)[0, 0]
                 self.drawn[panel] = _draw_panel(fig, spec, panel, snap)
                 _tidy(fig)
                 self._panel_png[panel] = _png(fig)
@@ -196,7 +200,7 @@ class Dashboard:
     def save(self, path: str | Path) -> Path:
         """Write all panels as one picture (PNG, or any format matplotlib knows by suffix)."""
         path = Path(path)
-        self.figure().savefig(path)
+        self.figure().savefig(path, bbox_inches="tight")
         return path
 
     @classmethod
@@ -235,7 +239,7 @@ class Dashboard:
 
     def _bundle(self) -> dict[str, Any]:
         if not self._png:
-            self._png = _png(self.figure())
+            self._png = _png(self.figure(), tight=True)
         bundle: dict[str, Any] = {
             "text/plain": repr(self),
             "image/png": base64.b64encode(self._png).decode("ascii"),

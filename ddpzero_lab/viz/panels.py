@@ -104,11 +104,17 @@ def draw_memory(ax, snap: dict[str, Any]) -> dict[int, dict[str, float]]:
             gid=f"formula:{rank}",
             label="ZeRO formula" if rank == 0 else None,
         )
+    formula = [v / MB for v in snap.get("expected_memory", {}).values()]
+    ax.set_ylim(0, 1.12 * max([*bottom, *peaks, *formula, 1e-9]))
     ax.set_xticks(ranks)
     ax.set_xlabel("rank", fontsize=8)
     ax.set_ylabel("MB", fontsize=8)
-    ax.set_title("memory per rank (model state + activations)", fontsize=9, loc="left")
-    ax.legend(fontsize=6, loc="upper right", ncol=2)
+    ax.set_title(
+        "memory per rank (model state + activations; ◄ ZeRO formula, -- peak)",
+        fontsize=9,
+        loc="left",
+    )
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return drawn
 
 
@@ -196,7 +202,7 @@ def draw_traffic(ax, snap: dict[str, Any]) -> dict[int, float]:
     ax.set_xlabel("seconds", fontsize=8)
     ax.set_ylabel("MB sent (cumulative)", fontsize=8)
     ax.set_title("traffic: sent per rank (dashed: model x steps)", fontsize=9, loc="left")
-    ax.legend(fontsize=6, loc="upper left")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return totals
 
 
@@ -267,5 +273,5 @@ def draw_loss(ax, snap: dict[str, Any]) -> dict[str, list[float]]:
     drawn["mean"] = mean
     ax.set_xlabel("step", fontsize=8)
     ax.set_title("loss", fontsize=9, loc="left")
-    ax.legend(fontsize=6, loc="upper right")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return drawn
