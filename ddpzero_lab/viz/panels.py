@@ -31,6 +31,9 @@ OP_COLORS = {
     "send": "#C44E52",
     "recv": "#DA8BC3",
     "barrier": "#333333",
+    "ring_all_reduce": "#64B5CD",
+    "ring_reduce_scatter": "#E8A87C",
+    "ring_all_gather": "#8FD694",
 }
 EVERY_RANK_COLOR = (0.75, 0.75, 0.75)
 MB = 1e6
