@@ -28,6 +28,7 @@ It knows nothing of processes or widgets.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -198,8 +199,10 @@ class MemoryTracker:
         if not torch.is_grad_enabled():
             return
         module_ = getattr(module, "module", module)
-        params = {_storage_key(p) for p in module_.parameters()}
-        self._counter = _ActivationCounter(params)
+        # parameters and buffers are model state; autograd also saves BatchNorm's running
+        # statistics, which must not count twice
+        state = {_storage_key(t) for t in (*module_.parameters(), *module_.buffers())}
+        self._counter = _ActivationCounter(state)
         self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(
             self._counter.pack, self._counter.unpack
         )
@@ -277,7 +280,12 @@ def zero_memory_estimate(
     Defaults are the paper's mixed-precision Adam (2 + 2 + 12 bytes per parameter);
     preset="fp32_adam" gives 4 + 4 + 8; explicit byte counts override the preset.
     """
-    if isinstance(num_params, bool) or not isinstance(num_params, Real) or num_params < 0:
+    if (
+        isinstance(num_params, bool)
+        or not isinstance(num_params, Real)
+        or num_params < 0
+        or not math.isfinite(num_params)
+    ):
         raise ValueError(f"num_params must be a non-negative number, got {num_params!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -298,8 +306,13 @@ def zero_memory_estimate(
         ("grads_bytes", per.grads),
         ("optimizer_bytes_per_param", per.optimizer),
     ):
-        if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, Real)
+            or value < 0
+            or (not math.isfinite(value))
+        ):
+            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     psi, n = float(num_params), world_size
     out = {
         "params": per.params * psi / (n if stage >= 3 else 1),

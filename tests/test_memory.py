@@ -65,6 +65,8 @@ def test_fp32_adam_preset_and_overrides():
     "kwargs,match",
     [
         ({"num_params": -1, "world_size": 1, "stage": 0}, "num_params"),
+        ({"num_params": float("nan"), "world_size": 1, "stage": 0}, "num_params"),
+        ({"num_params": 10, "world_size": 2, "stage": 1, "grads_bytes": float("inf")}, "grads"),
         ({"num_params": 10, "world_size": 0, "stage": 0}, "world_size"),
         ({"num_params": 10, "world_size": 2.5, "stage": 0}, "world_size"),
         ({"num_params": 10, "world_size": 2, "stage": 4}, "stage"),

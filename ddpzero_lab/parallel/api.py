@@ -15,7 +15,7 @@ from ..cluster.context import in_worker
 from ..memory import MemoryTracker
 
 STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
-AVAILABLE = ("local", "ddp", "param_server")
+AVAILABLE = ("local", "ddp", "zero1", "zero2", "param_server")
 
 
 def parallelize(
@@ -62,6 +62,15 @@ def parallelize(
 
         model = DDP(module, **options)
         opt = optimizer([p for p in module.parameters() if p.requires_grad])
+    elif strategy in ("zero1", "zero2"):
+        from .zero import ZeroShardedOptimizer
+
+        if set(options) - {"group", "bucket_cap_mb"}:
+            raise TypeError(
+                f"strategy {strategy!r} takes group= and bucket_cap_mb=, got {sorted(options)}"
+            )
+        model = module
+        opt = ZeroShardedOptimizer(module, optimizer, stage=int(strategy[-1]), **options)
     else:
         from .param_server import ParameterServerOptimizer
 
