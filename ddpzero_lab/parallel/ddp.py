@@ -302,6 +302,7 @@ class DDP(nn.Module):
         try:
             if self.mode == "naive":
                 self._naive_all_reduce()
+                self._emit_step(backward_end)
                 return
             unready = [i for b in self._buckets for i in b.params if i not in b.ready_params]
             globally_unused: set[int] = set()
@@ -357,8 +358,12 @@ class DDP(nn.Module):
     def _emit_step(self, backward_end: float) -> None:
         done = time.time()
         intervals = sorted(
-            (b.launched_at, getattr(b.work, "completed_at", None) or done) for b in self._buckets
+            (b.launched_at, getattr(b.work, "completed_at", None) or done)
+            for b in self._buckets
+            if b.work is not None or self.mode != "naive"
         )
+        if self.mode == "naive":  # one all-reduce per parameter, all after backward
+            intervals = [(backward_end, done)]
         comm_s, cursor = 0.0, float("-inf")
         for start, end in intervals:  # the union of the buckets' in-flight intervals
             start = max(start, cursor)
@@ -372,6 +377,8 @@ class DDP(nn.Module):
             comm_s=comm_s,
             exposed_comm_s=done - backward_end,
             buckets=len(self._buckets),
+            forward_start=self._forward_at,
+            backward_end=backward_end,
         )
 
     def _rebuild_from_arrival(self) -> None:

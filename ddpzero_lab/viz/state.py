@@ -106,8 +106,10 @@ class DashboardState:
         self.intervals.append((e.rank, str(e["op"]), start, end))
 
     def _step(self, e: Event) -> None:
-        end = e.time - float(e.get("exposed_comm_s", 0) or 0)
-        start = end - float(e.get("compute_s", 0) or 0)
+        # forward start and backward end are in the event; older recordings have only the
+        # durations, counted back from the moment the event was sent
+        end = e.get("backward_end") or e.time - float(e.get("exposed_comm_s", 0) or 0)
+        start = e.get("forward_start") or end - float(e.get("compute_s", 0) or 0)
         self._first_time(start)
         self.intervals.append((e.rank, "compute", start, end))
         self.steps[e.rank] = max(self.steps[e.rank], int(e.get("step", 0)) + 1)
