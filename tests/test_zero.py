@@ -1,0 +1,205 @@
+"""ZeRO stages 1 and 2: single-process equivalence, memory per rank against the formula,
+traffic per step against 2Ψ, agreement with torch's ZeroRedundancyOptimizer, state round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from equivalence import (
+    OPTIMIZERS,
+    assert_same_parameters,
+    global_batch,
+    make_model,
+    train_on_rank,
+    train_single_process,
+)
+from torch import nn
+
+import ddpzero_lab as dzl
+
+STEPS, LOCAL_BATCH = 3, 4
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"N{n}")
+def ncluster(request):
+    with dzl.LiveCluster(request.param, timeout=20.0) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "strategy,options",
+    [("zero1", {}), ("zero2", {}), ("zero2", {"bucket_cap_mb": 1e-4})],
+    ids=["zero1", "zero2", "zero2-small-buckets"],
+)
+def test_equals_single_process_training(ncluster, strategy, options, optimizer):
+    # the model has a frozen parameter, a layer no rank ever uses and sizes no N divides
+    want = train_single_process(optimizer, ncluster.world_size, STEPS, LOCAL_BATCH)
+    for got in ncluster.run(train_on_rank, strategy, optimizer, STEPS, LOCAL_BATCH, **options):
+        assert_same_parameters(got, want)
+
+
+class Tied(nn.Module):
+    """An output layer that shares the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def _tied_run(strategy, steps):
+    rank, n = dzl.rank(), dzl.world_size()
+    torch.manual_seed(rank)
+    model = Tied()
+    if strategy != "single":
+        model, opt = dzl.parallelize(model, strategy, optimizer=OPTIMIZERS["adamw"])
+    else:
+        opt = OPTIMIZERS["adamw"](model.parameters())
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        tokens = torch.randint(0, 11, (n * 4, 5), generator=g)
+        mine = tokens if strategy == "single" else tokens[rank * 4 : (rank + 1) * 4]
+        logits = model(mine)
+        nn.functional.cross_entropy(logits.reshape(-1, 11), mine.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_tied_weights(ncluster):
+    # one process, on all ranks' tokens at once (world_size x 4 rows), from rank 0's init
+    n = ncluster.world_size
+    torch.manual_seed(0)
+    model = Tied()
+    assert model.out.weight is model.embed.weight
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    g = torch.Generator().manual_seed(7)
+    for _ in range(STEPS):
+        tokens = torch.randint(0, 11, (n * 4, 5), generator=g)
+        nn.functional.cross_entropy(model(tokens).reshape(-1, 11), tokens.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    want = model.state_dict()
+    for strategy in ("zero1", "zero2"):
+        for got in ncluster.run(_tied_run, strategy, STEPS):
+            assert_same_parameters(got, want)
+            assert torch.equal(got["out.weight"], got["embed.weight"])  # still one tensor
+
+
+def _memory_and_traffic(strategy):
+    from ddpzero_lab.memory import model_state_bytes
+
+    model = make_model(0)
+    model, opt = dzl.parallelize(model, strategy, optimizer=OPTIMIZERS["adamw"], track_memory=False)
+    x, y = global_batch(0, dzl.world_size(), LOCAL_BATCH)
+    nn.functional.mse_loss(model(x), y).backward()
+    after_backward = model_state_bytes(model, opt)
+    dzl.reset_traffic()
+    opt.step()
+    traffic = dzl.traffic()  # stage 1 reduce-scatters inside step(), stage 2 in backward
+    after_step = model_state_bytes(model, opt)
+    padded = sum(b.layout.padded_numel for b in opt.buckets)
+    return after_backward, after_step, traffic, padded, len(opt.buckets)
+
+
+def test_memory_per_rank_is_the_formula_up_to_padding(ncluster):
+    n = ncluster.world_size
+    trainable = [p for p in make_model().parameters() if p.requires_grad]
+    psi = sum(p.numel() for p in trainable)
+    frozen = sum(p.numel() for p in make_model().parameters() if not p.requires_grad)
+    for strategy in ("zero1", "zero2"):
+        for after_backward, after_step, _, padded, buckets in ncluster.run(
+            _memory_and_traffic, strategy
+        ):
+            assert padded - psi < n * buckets  # padding: fewer than N elements per buffer
+            shard = padded // n
+            # Adam's two moments for this rank's slice only, and one step counter per shard
+            assert after_step["optimizer"] == 2 * 4 * shard + 4 * buckets
+            assert after_step["params"] == 4 * (padded + frozen)  # the flat buffers: full
+            if strategy == "zero2":
+                # the full gradients were released in backward: only the shard's remain
+                assert after_backward["grads"] == 4 * shard
+
+
+def test_traffic_per_step_is_two_psi(ncluster):
+    n = ncluster.world_size
+    for strategy in ("zero1", "zero2"):
+        for _, _, traffic, padded, _ in ncluster.run(_memory_and_traffic, strategy):
+            sent_ag = traffic["all_gather"]["sent"]
+            assert sent_ag == (n - 1) * (padded // n) * 4
+            if strategy == "zero1":
+                assert traffic["reduce_scatter"]["sent"] == (n - 1) * (padded // n) * 4
+                total = traffic["reduce_scatter"]["sent"] + sent_ag
+                assert total == 2 * (n - 1) * padded * 4 // n  # 2Ψ·(N-1)/N, up to padding
+
+
+def _against_torch_zero(steps):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    rank, n = dzl.rank(), dzl.world_size()
+    ours, opt = dzl.parallelize(make_model(rank), "zero1", optimizer=OPTIMIZERS["adamw"])
+    theirs = nn.parallel.DistributedDataParallel(make_model(0), find_unused_parameters=True)
+    zero = ZeroRedundancyOptimizer(
+        [p for p in theirs.parameters() if p.requires_grad],
+        optimizer_class=torch.optim.AdamW,
+        lr=0.01,
+        weight_decay=0.1,
+    )
+    for step in range(steps):
+        x, y = global_batch(step, n, LOCAL_BATCH)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        for model, o in ((ours, opt), (theirs, zero)):
+            nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            o.step()
+            o.zero_grad()
+    return ours.state_dict(), theirs.module.state_dict()
+
+
+def test_same_result_as_torch_zero_redundancy_optimizer(ncluster):
+    for ours, theirs in ncluster.run(_against_torch_zero, STEPS):
+        assert_same_parameters(ours, theirs)
+
+
+def _round_trip(steps):
+    rank, n = dzl.rank(), dzl.world_size()
+
+    def run(model, opt, begin, end):
+        for step in range(begin, end):
+            x, y = global_batch(step, n, LOCAL_BATCH)
+            mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    straight, opt = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    run(straight, opt, 0, steps)
+    first, opt1 = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    run(first, opt1, 0, steps // 2)
+    saved_model = {k: v.clone() for k, v in first.state_dict().items()}
+    saved_opt = opt1.state_dict()
+    second, opt2 = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    second.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    run(second, opt2, steps // 2, steps)
+    return straight.state_dict(), second.state_dict()
+
+
+def test_sharded_state_dict_round_trip(ncluster):
+    for straight, resumed in ncluster.run(_round_trip, 4):
+        assert_same_parameters(resumed, straight)
+
+
+def test_bad_options(ncluster):
+    def run():
+        try:
+            dzl.parallelize(make_model(), "zero1", optimizer=OPTIMIZERS["sgd"], bucket_cap_mb=-1)
+        except ValueError as exc:
+            return str(exc)
+
+    assert all("bucket_cap_mb" in text for text in ncluster.run(run))
