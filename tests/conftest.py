@@ -9,6 +9,9 @@ import pytest
 
 import ddpzero_lab as dzl
 
+# The browser test opens this notebook in JupyterLab itself; nbval need not run it again.
+collect_ignore_glob = ["browser/*.ipynb"]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
