@@ -6,7 +6,7 @@ This module only re-exports the public API (DESIGN.md §3).
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
 from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
-from .parallel import DDP, parallelize
+from .parallel import DDP, ZeroOptimizer, full_state_dict, parallelize
 from .telemetry import emit
 from .viz import Dashboard, MemoryCalculator
 
@@ -21,8 +21,10 @@ __all__ = [
     "MemoryCalculator",
     "MemoryTracker",
     "RankError",
+    "ZeroOptimizer",
     "device",
     "emit",
+    "full_state_dict",
     "model_state_bytes",
     "parallelize",
     "reset_traffic",

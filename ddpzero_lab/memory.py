@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from numbers import Real
@@ -174,26 +175,38 @@ class MemoryTracker:
         self._model, self._optimizer = model, optimizer
         self._handles.append(model.register_forward_pre_hook(self._before_forward))
         self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
-        original_step = optimizer.step
+        if isinstance(optimizer, torch.optim.Optimizer):
+            # torch's own step hooks: the optimizer's step stays a bound method, which
+            # learning-rate schedulers rely on
+            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        else:
+            original_step = optimizer.step
 
-        def step(*args, **kwargs):
-            self.record("after_backward")
-            out = original_step(*args, **kwargs)
-            self.record("after_step")
-            self.step += 1
-            return out
+            def step(opt, *args, **kwargs):
+                self._before_step(opt, args, kwargs)
+                out = original_step(*args, **kwargs)
+                self._after_step(opt, args, kwargs)
+                return out
 
-        optimizer.step = step
-        self._original_step = original_step
+            optimizer.step = types.MethodType(step, optimizer)
+            self._original_step = original_step
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._optimizer is not None:
+        if self._optimizer is not None and getattr(self, "_original_step", None) is not None:
             self._optimizer.step = self._original_step
         self._model = self._optimizer = None
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.record("after_backward")
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.record("after_step")
+        self.step += 1
 
     def _before_forward(self, module, args) -> None:
         if not torch.is_grad_enabled():

@@ -203,3 +203,122 @@ def test_bad_options(ncluster):
             return str(exc)
 
     assert all("bucket_cap_mb" in text for text in ncluster.run(run))
+
+
+def _drop_in(steps):
+    """dzl.ZeroOptimizer and torch's ZeroRedundancyOptimizer, each behind torch's DDP."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    rank, n = dzl.rank(), dzl.world_size()
+    models = [
+        nn.parallel.DistributedDataParallel(make_model(0), find_unused_parameters=True)
+        for _ in range(2)
+    ]
+    trainable = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    ours = dzl.ZeroOptimizer(trainable[0], torch.optim.AdamW, lr=0.01, weight_decay=0.1)
+    theirs = ZeroRedundancyOptimizer(
+        trainable[1], optimizer_class=torch.optim.AdamW, lr=0.01, weight_decay=0.1
+    )
+    dzl.reset_traffic()
+    for step in range(steps):
+        x, y = global_batch(step, n, LOCAL_BATCH)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        for model, opt in zip(models, (ours, theirs), strict=True):
+            nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+    return models[0].module.state_dict(), models[1].module.state_dict(), dzl.traffic()
+
+
+def test_zero_optimizer_is_a_drop_in_for_torchs(ncluster):
+    want = train_single_process("adamw", ncluster.world_size, STEPS, LOCAL_BATCH)
+    for ours, theirs, traffic in ncluster.run(_drop_in, STEPS):
+        assert_same_parameters(ours, theirs)
+        assert_same_parameters(ours, want)
+        # its own traffic: one all-gather of the parameters per step (DDP's all-reduce is
+        # torch's, uncounted): with DDP, 2Ψ + Ψ = 3Ψ per step
+        assert traffic["all_gather"]["calls"] == STEPS
+
+
+def _clipped(strategy, steps, max_norm):
+    rank, n = dzl.rank(), dzl.world_size()
+    model, opt = dzl.parallelize(make_model(rank), strategy, optimizer=OPTIMIZERS["sgd"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    norms = []
+    for step in range(steps):
+        x, y = global_batch(step, n, LOCAL_BATCH)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        norms.append(opt.clip_grad_norm_(max_norm))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return model.state_dict(), norms, opt.param_groups[0]["lr"]
+
+
+def test_clipping_to_a_global_norm_and_a_scheduler(ncluster):
+    n, max_norm = ncluster.world_size, 0.05
+    model = make_model(0)
+    opt = OPTIMIZERS["sgd"]([p for p in model.parameters() if p.requires_grad])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    want_norms = []
+    for step in range(STEPS):
+        x, y = global_batch(step, n, LOCAL_BATCH)
+        nn.functional.mse_loss(model(x), y).backward()
+        want_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert want_norms[0] > max_norm  # the clip really cuts
+    for strategy in ("zero1", "zero2"):
+        for state, norms, lr in ncluster.run(_clipped, strategy, STEPS, max_norm):
+            assert_same_parameters(state, model.state_dict())
+            assert norms == pytest.approx(want_norms, rel=1e-5)
+            assert lr == pytest.approx(opt.param_groups[0]["lr"])
+
+
+def _consolidated(steps):
+    rank, n = dzl.rank(), dzl.world_size()
+    model, opt = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    for step in range(steps):
+        x, y = global_batch(step, n, LOCAL_BATCH)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        opt.step()
+        opt.zero_grad()
+    full = opt.consolidate_state_dict()
+    return full, dzl.full_state_dict(model)
+
+
+def test_consolidated_state_loads_at_another_world_size(ncluster, tmp_path):
+    """Save the full optimizer state at N ranks, resume at 1 rank and at N, finish: the same as
+    straight through in one process."""
+    n = ncluster.world_size
+    full, params = ncluster.run(_consolidated, 2)[0]
+    assert set(full["flat_state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert params.keys() == make_model().state_dict().keys()
+    path = tmp_path / "state.pt"
+    torch.save({"optimizer": full, "model": params}, path)
+
+    def resume(path, steps_done, steps_total, world_size_before):
+        rank, n_now = dzl.rank(), dzl.world_size()
+        saved = torch.load(path, weights_only=False)
+        model = make_model(0)
+        model.load_state_dict(saved["model"])
+        model, opt = dzl.parallelize(model, "zero2", optimizer=OPTIMIZERS["adamw"])
+        opt.load_state_dict(saved["optimizer"])
+        local = LOCAL_BATCH * world_size_before // n_now  # the same global batch
+        for step in range(steps_done, steps_total):
+            x, y = global_batch(step, world_size_before, LOCAL_BATCH)
+            mine = slice(rank * local, (rank + 1) * local)
+            nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+        return dzl.full_state_dict(model)
+
+    want = train_single_process("adamw", n, 4, LOCAL_BATCH)
+    with dzl.LiveCluster(1, timeout=20.0) as one:  # another world size: one rank
+        for got in one.run(resume, str(path), 2, 4, n):
+            assert_same_parameters(got, want, atol=1e-5)
+    for got in ncluster.run(resume, str(path), 2, 4, n):
+        assert_same_parameters(got, want, atol=1e-5)

@@ -1,7 +1,17 @@
 """Strategies for data-parallel training: parallelize() and the optimizers it returns."""
 
-from .api import STRATEGIES, parallelize
+from .api import STRATEGIES, full_state_dict, parallelize
 from .ddp import DDP
 from .param_server import ParameterServerOptimizer, message_bytes
+from .zero import ZeroOptimizer, ZeroShardedOptimizer
 
-__all__ = ["DDP", "STRATEGIES", "ParameterServerOptimizer", "message_bytes", "parallelize"]
+__all__ = [
+    "ZeroOptimizer",
+    "ZeroShardedOptimizer",
+    "full_state_dict",
+    "DDP",
+    "STRATEGIES",
+    "ParameterServerOptimizer",
+    "message_bytes",
+    "parallelize",
+]

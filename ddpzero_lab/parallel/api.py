@@ -82,3 +82,16 @@ def parallelize(
     if track_memory:
         MemoryTracker().attach(model, opt)
     return model, opt
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """Full, unsharded tensors, keyed exactly as the original module's state_dict(), on every
+    rank (call it on every rank: strategies that shard parameters at rest gather them). For
+    DDP and ZeRO stages 1-2 every rank already holds the full parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    gather = getattr(model, "full_state_dict", None)
+    if callable(gather):
+        return gather()
+    module = getattr(model, "module", model)
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}

@@ -28,7 +28,7 @@ from .flat import emit_shard_map, replicated
 SERVER = 0
 
 
-class ParameterServerOptimizer:
+class ParameterServerOptimizer(torch.optim.Optimizer):
     """The optimizer `parallelize(..., strategy="param_server")` returns.
 
     Use it like a torch optimizer: `loss.backward(); optimizer.step(); optimizer.zero_grad()`.
@@ -63,6 +63,12 @@ class ParameterServerOptimizer:
             for tensor in [*module.parameters(), *module.buffers()]:
                 comm.broadcast(tensor.data, self.server, group=group, tag="init")
         self.optimizer = optimizer(self.params) if self.rank == SERVER else None
+
+        # A torch Optimizer in its own right (learning-rate schedulers and step hooks accept
+        # it), whose param_groups and state are those of the optimizer it wraps.
+        torch.optim.Optimizer.__init__(self, self.params, {})
+        self.param_groups = self.optimizer.param_groups if self.optimizer is not None else []
+        self.state = self.optimizer.state if self.optimizer is not None else {}
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         emit_shard_map(
             "param_server",
@@ -73,14 +79,6 @@ class ParameterServerOptimizer:
         )
 
     # -- the torch.optim.Optimizer surface the training loop uses -----------------------------
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups if self.optimizer is not None else []
-
-    @property
-    def state(self):
-        return self.optimizer.state if self.optimizer is not None else {}
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             if set_to_none:

@@ -1,0 +1,367 @@
+"""ZeRO stages 1 and 2 against torch's own: step time and model-state memory, side by side.
+
+Two pairs, each on the same cluster, in the same run:
+
+  * stage 1: dzl.parallelize(module, "zero1") against torch's DistributedDataParallel with
+    torch.distributed.optim.ZeroRedundancyOptimizer (the usual way to use it);
+  * stage 2: dzl.parallelize(module, "zero2") against FSDP2, fully_shard(...,
+    reshard_after_forward=False) on a one-dimensional CPU DeviceMesh, applied to each Linear
+    and then to the root (the usual way; `--fsdp2-wrap root` for the root alone): parameters
+    are gathered once for forward and kept through backward, gradients are reduce-scattered,
+    as in ZeRO-2.
+
+Same model (an MLP of about 4.2 M parameters, 17 MB of float32), same data, AdamW, gloo, world
+sizes 2 and 4. Steps (forward, backward, step, zero_grad) alternate between the four
+implementations, with a barrier before each, so that all see the same machine state; the figure
+is the median of `--steps` steps after a warm-up, on the slowest rank, and the ratio ours /
+theirs (1.00 = as fast). The memory tracker that parallelize attaches inside a cluster is left
+off: the strategy is timed, not its instrumentation.
+
+Model-state memory is counted after one more step, before zero_grad: parameters, gradients and
+optimizer state this rank holds, each storage once and in full. Ours through
+ddpzero_lab.memory.model_state_bytes; torch's by summing the tensors the same way (the module's
+parameters and .grad, ZeroRedundancyOptimizer's .optim.state; for FSDP2 the local shards of its
+DTensors). What a strategy keeps out of sight is not in these figures (DDP's gradient buckets,
+FSDP2's unsharded parameters, which it frees after backward: they are printed separately, as
+measured at the end of forward).
+
+A step of ZeRO is a reduce-scatter and an all-gather where DDP does one all-reduce, so gloo's
+collectives on a buffer of the model's size are timed alone too (interleaved, medians, slowest
+rank): they bound what the ratios can be.
+
+    python benchmarks/zero.py [--steps 20] [--warmup 3] [--world-sizes 2 4] [--fsdp2-wrap root]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ddpzero_lab as dzl
+from ddpzero_lab.memory import model_state_bytes
+
+MB = 1_000_000
+PAIRS = (("zero1", "torch_zero"), ("zero2", "fsdp2"))
+LABELS = {
+    "zero1": "dzl zero1",
+    "torch_zero": "DDP + ZeroRedundancyOptimizer",
+    "zero2": "dzl zero2",
+    "fsdp2": "FSDP2 fully_shard",
+}
+# torch renamed the tensor-form collectives; use whichever this version has
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [nn.Linear(1024, 1024), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(1024, 10))
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+# --- counting torch's model state -----------------------------------------------------------
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # an FSDP2 parameter, gradient or optimizer state is a DTensor: this rank holds its shard
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _state_bytes(params: list[torch.Tensor], optimizer_state: dict) -> dict[str, int]:
+    """{"params", "grads", "optimizer"} bytes, each storage once and in full (as dzl counts)."""
+    groups = {
+        "params": [_local(p) for p in params],
+        "grads": [_local(p.grad) for p in params if p.grad is not None],
+        "optimizer": [
+            _local(v)
+            for state in optimizer_state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        ],
+    }
+    seen: set[int] = set()
+    totals = {}
+    for category, tensors in groups.items():
+        totals[category] = 0
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            totals[category] += storage.nbytes()
+    return totals
+
+
+# --- the four implementations -----------------------------------------------------------------
+
+
+class _Impl:
+    """One implementation under test: a module, its optimizer, and how to count its state."""
+
+    def __init__(self, model: nn.Module, optimizer, state: Callable[[], dict[str, int]]) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.state = state
+        self.unsharded: _UnshardedBytes | None = None  # FSDP2 only
+
+
+def _ours(stage: int) -> _Impl:
+    model, optimizer = dzl.parallelize(
+        _model(), f"zero{stage}", optimizer=_adamw, track_memory=False
+    )
+    return _Impl(model, optimizer, lambda: model_state_bytes(model, optimizer))
+
+
+def _torch_zero() -> _Impl:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    module = _model()
+    model = nn.parallel.DistributedDataParallel(module)
+    optimizer = ZeroRedundancyOptimizer(
+        model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3
+    )
+    params = list(module.parameters())
+    return _Impl(model, optimizer, lambda: _state_bytes(params, optimizer.optim.state))
+
+
+class _UnshardedBytes:
+    """Bytes of the parameters FSDP2 has unsharded at the end of forward (a forward hook):
+    with reshard_after_forward=False it keeps them until backward is done."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.bytes = 0
+        module.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        seen = {
+            p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+            for p in module.parameters()
+            if not hasattr(p, "to_local")  # plain tensors: the unsharded ones
+        }
+        self.bytes = sum(seen.values())
+
+
+def _fsdp2(per_layer: bool) -> _Impl:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = _model()
+    for layer in model if per_layer else ():
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    optimizer = _adamw(model.parameters())
+    params = list(model.parameters())
+    impl = _Impl(model, optimizer, lambda: _state_bytes(params, optimizer.state))
+    impl.unsharded = _UnshardedBytes(model)
+    return impl
+
+
+def _agree(ok: bool) -> bool:
+    """True only if every rank says so (a rank that skips alone would hang the others)."""
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+# --- the measurements -------------------------------------------------------------------------
+
+
+def _step(impl: _Impl, x: torch.Tensor, y: torch.Tensor, zero_grad: bool = True) -> None:
+    loss = nn.functional.cross_entropy(impl.model(x), y)
+    loss.backward()
+    impl.optimizer.step()
+    if zero_grad:
+        impl.optimizer.zero_grad()
+
+
+def _bench(steps: int, warmup: int, batch: int, fsdp2_per_layer: bool) -> dict:
+    x = torch.randn(batch, 1024)
+    y = torch.randint(0, 10, (batch,))
+    builders = {
+        "zero1": lambda: _ours(1),
+        "torch_zero": _torch_zero,
+        "zero2": lambda: _ours(2),
+        "fsdp2": lambda: _fsdp2(fsdp2_per_layer),
+    }
+    impls: dict[str, _Impl] = {}
+    skipped: dict[str, str] = {}
+    for name, build in builders.items():
+        # a failure to build or to take a first step skips that implementation on every rank
+        try:
+            impl = build()
+            _step(impl, x, y)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - reported in the table instead
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if _agree(error is None):
+            impls[name] = impl
+        else:
+            skipped[name] = error or "failed on another rank"
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    for step in range(warmup + steps):
+        for name, impl in impls.items():
+            dist.barrier()
+            start = time.perf_counter()
+            _step(impl, x, y)
+            elapsed = time.perf_counter() - start
+            if step >= warmup:
+                times[name].append(elapsed)
+    # model state after a step, before zero_grad (gradients still held)
+    memory: dict[str, dict[str, int]] = {}
+    for name, impl in impls.items():
+        dist.barrier()
+        _step(impl, x, y, zero_grad=False)
+        memory[name] = impl.state()
+        if impl.unsharded is not None:
+            memory[name]["unsharded_params"] = impl.unsharded.bytes
+        impl.optimizer.zero_grad()
+    medians = torch.tensor([statistics.median(times[k]) for k in impls], dtype=torch.float64)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    return {
+        "seconds": dict(zip(impls, medians.tolist(), strict=True)),
+        "memory": memory,
+        "skipped": skipped,
+        "rss": psutil.Process().memory_info().rss,
+        "params": sum(p.numel() for p in _model().parameters()),
+    }
+
+
+def _collectives(numel: int, repeats: int) -> dict[str, float]:
+    """gloo alone on the model's size: all_reduce (DDP), reduce_scatter + all_gather (ZeRO)."""
+    world_size = dist.get_world_size()
+    full = torch.ones((numel + world_size - 1) // world_size * world_size)
+    shard = torch.empty(full.numel() // world_size)
+    ops = {
+        "all_reduce": lambda: dist.all_reduce(full),
+        "reduce_scatter": lambda: _reduce_scatter(shard, full),
+        "all_gather": lambda: _all_gather(full, shard),
+    }
+    for fn in ops.values():  # warm-up: connections, allocator
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(repeats):
+        for name, fn in ops.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    out = torch.tensor([statistics.median(times[k]) for k in ops], dtype=torch.float64)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return dict(zip(ops, out.tolist(), strict=True))
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def _model_state_mb(memory: dict[str, int]) -> float:
+    return (memory["params"] + memory["grads"] + memory["optimizer"]) / MB
+
+
+def _largest(per_rank: list[dict], name: str) -> dict[str, int] | None:
+    """The rank holding the most model state for `name` (shards differ by padding)."""
+    found = [r["memory"][name] for r in per_rank if name in r["memory"]]
+    return max(found, key=_model_state_mb) if found else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20, help="calls per collective")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument(
+        "--fsdp2-wrap",
+        choices=("layers", "root"),
+        default="layers",
+        help="fully_shard each Linear and then the root (default), or the root alone",
+    )
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows = []
+    for world_size in args.world_sizes:
+        with dzl.LiveCluster(world_size, timeout=120.0) as cluster:
+            per_rank = cluster.run(
+                _bench, args.steps, args.warmup, args.batch, args.fsdp2_wrap == "layers"
+            )
+            numel = per_rank[0]["params"]
+            comm = cluster.run(_collectives, numel, args.repeats)[0]
+        rows.append((world_size, per_rank, comm))
+
+    params = rows[0][1][0]["params"]
+    print(
+        f"# {platform.node()} · {os.cpu_count()} CPUs · torch {torch.__version__} · gloo · "
+        f"{params / 1e6:.1f} M parameters ({params * 4 / MB:.1f} MB fp32) · AdamW · "
+        f"median of {args.steps} steps, slowest rank · FSDP2 wrap: {args.fsdp2_wrap}"
+    )
+    print(
+        f"{'N':>3}  {'ours vs theirs':<46} {'ours':>9} {'theirs':>9} {'ours/theirs':>12} "
+        f"{'state MB/rank ours':>19} {'theirs':>7}"
+    )
+    for n, per_rank, _ in rows:
+        seconds, skipped = per_rank[0]["seconds"], per_rank[0]["skipped"]
+        for ours, theirs in PAIRS:
+            pair = f"{LABELS[ours]} vs {LABELS[theirs]}"
+            missing = [k for k in (ours, theirs) if k in skipped]
+            if missing:
+                why = "; ".join(f"{LABELS[k]}: {skipped[k]}" for k in missing)
+                print(f"{n:>3}  {pair:<46} skipped ({why})")
+                continue
+            mem_ours, mem_theirs = _largest(per_rank, ours), _largest(per_rank, theirs)
+            print(
+                f"{n:>3}  {pair:<46} {seconds[ours] * 1e3:>7.1f}ms "
+                f"{seconds[theirs] * 1e3:>7.1f}ms {seconds[ours] / seconds[theirs]:>11.2f}x "
+                f"{_model_state_mb(mem_ours):>19.1f} {_model_state_mb(mem_theirs):>7.1f}"
+            )
+
+    print("\n# model state per rank (largest rank), MB: params + grads + optimizer")
+    for n, per_rank, _ in rows:
+        for name in LABELS:
+            memory = _largest(per_rank, name)
+            if memory is None:
+                continue
+            extra = ""
+            if "unsharded_params" in memory:
+                extra = f"   (+ {memory['unsharded_params'] / MB:.1f} unsharded from forward"
+                extra += " to end of backward)"
+            print(
+                f"{n:>3}  {LABELS[name]:<30} {memory['params'] / MB:>6.1f} + "
+                f"{memory['grads'] / MB:>5.1f} + {memory['optimizer'] / MB:>5.1f} = "
+                f"{_model_state_mb(memory):>6.1f}{extra}"
+            )
+        rss = max(r["rss"] for r in per_rank) / MB
+        print(f"{n:>3}  process RSS (all four in one process, largest rank): {rss:.0f} MB")
+
+    print(f"\n# gloo alone on {params * 4 / MB:.1f} MB, median of {args.repeats}, slowest rank")
+    print(
+        f"{'N':>3} {'all_reduce':>11} {'reduce_scatter':>15} {'all_gather':>11} "
+        f"{'RS / AR':>8} {'(RS + AG) / AR':>15}"
+    )
+    for n, _, comm in rows:
+        ar, rs, ag = comm["all_reduce"], comm["reduce_scatter"], comm["all_gather"]
+        print(
+            f"{n:>3} {ar * 1e3:>9.1f}ms {rs * 1e3:>13.1f}ms {ag * 1e3:>9.1f}ms "
+            f"{rs / ar:>7.2f}x {(rs + ag) / ar:>14.2f}x"
+        )
+    print(f"\n# whole run {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
