@@ -56,7 +56,9 @@ def _wait_http(url: str, seconds: float) -> None:
 def test_dashboard_updates_live_in_jupyterlab(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    shutil.copy(NOTEBOOK, tmp_path / "demo.ipynb")
+    root = tmp_path / "lab"
+    root.mkdir()
+    shutil.copy(NOTEBOOK, root / "demo.ipynb")
     # JupyterLab's "news" toast would cover part of the screenshot: settings say no
     settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
@@ -72,14 +74,14 @@ def test_dashboard_updates_live_in_jupyterlab(tmp_path):
         "--ip=127.0.0.1",
         f"--port={port}",
         f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={tmp_path}",
+        f"--ServerApp.root_dir={root}",
         "--ServerApp.disable_check_xsrf=True",
     ]
     if os.geteuid() == 0:
         args.append("--allow-root")
     server = subprocess.Popen(
         args,
-        cwd=tmp_path,
+        cwd=root,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -109,12 +111,19 @@ def test_dashboard_updates_live_in_jupyterlab(tmp_path):
             page.wait_for_selector(
                 ".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000
             )
-            page.click(".jp-Notebook")
-            page.keyboard.press("Escape")
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.get_by_text("Run All Cells", exact=True).click()
+            # run the three cells in order, as a learner would: Shift+Enter on each
+            page.locator(".jp-Cell .jp-InputArea-editor").first.click()
+            for _ in range(3):
+                page.keyboard.press("Shift+Enter")
+                time.sleep(0.3)
             images = ".jp-OutputArea-output img"
-            page.wait_for_selector(images, timeout=90_000)
+            try:
+                page.wait_for_selector(images, timeout=90_000)
+            except Exception:
+                page.screenshot(path=str(tmp_path / "failure.png"))  # for the report below
+                raise AssertionError(
+                    f"no dashboard image appeared; the page: {tmp_path / 'failure.png'}"
+                ) from None
             sources: list[tuple[str, ...]] = []
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:

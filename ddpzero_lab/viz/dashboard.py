@@ -48,6 +48,29 @@ def _draw_panel(fig, spec, panel: str, snap: dict[str, Any]) -> Any:
     return draw(fig.add_subplot(spec), snap)
 
 
+def _draw_on(axes, panel: str, snap: dict[str, Any]) -> Any:
+    if panel == "shards":
+        return P.draw_shards(axes, snap)
+    draw = {
+        "memory": P.draw_memory,
+        "traffic": P.draw_traffic,
+        "timeline": P.draw_timeline,
+        "loss": P.draw_loss,
+    }[panel]
+    return draw(axes[0], snap)
+
+
+def _clear(ax) -> None:
+    """Remove what a frame drew, keep the Axes and its ticks."""
+    for artist in [*ax.lines, *ax.collections, *ax.patches, *ax.images, *ax.texts]:
+        artist.remove()
+    ax.containers.clear()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    ax.relim()
+    ax.set_autoscale_on(True)
+
+
 def _tidy(fig) -> None:
     for ax in fig.axes:  # every tick is several artists: few ticks, quick frames
         ax.tick_params(labelsize=7)
@@ -111,6 +134,7 @@ class Dashboard:
         self.render_seconds = 0.0  # CPU seconds spent drawing: the dashboard's own cost
         self.drawn: dict[str, Any] = {}  # what each panel drew last, for tests and lessons
         self._panel_png: dict[str, bytes] = {}
+        self._figures: dict[str, tuple] = {}
         self._drawn_versions: dict[str, int] = {}
         self._png = b""  # all panels in one picture (the plain fallback)
         self._render_lock = threading.Lock()
@@ -197,10 +221,12 @@ class Dashboard:
                 version = snap["versions"][panel]
                 if self._drawn_versions.get(panel) == version and panel in self._panel_png:
                     continue
-                fig = Figure(figsize=(self.width_in, _ROW_HEIGHT_IN), dpi=self.dpi)
-                spec = fig.add_gridspec(1, 1, left=0.08, right=0.88, top=0.86, bottom=0.2)[0, 0]
-                self.drawn[panel] = _draw_panel(fig, spec, panel, snap)
-                _tidy(fig)
+                fig, axes = self._panel_figure(panel, Figure)
+                for ax in axes:
+                    _clear(ax)
+                self.drawn[panel] = _draw_on(axes, panel, snap)
+                for ax in axes:
+                    ax.tick_params(labelsize=7)
                 self._panel_png[panel] = _png(fig)
                 self._drawn_versions[panel] = version
                 if panel in self._images:
@@ -210,6 +236,24 @@ class Dashboard:
             self.render_seconds += cost
             self._next_frame = time.monotonic() + max(self.refresh_s, cost / self.max_duty)
             return dict(self._panel_png)
+
+    def _panel_figure(self, panel: str, figure_class):
+        """The panel's own Figure and Axes, made once and reused: building axes (their
+        ticks above all) costs more than drawing them, so frames only swap the artists."""
+        if panel not in self._figures:
+            fig = figure_class(figsize=(self.width_in, _ROW_HEIGHT_IN), dpi=self.dpi)
+            grid = fig.add_gridspec(
+                1,
+                3 if panel == "shards" else 1,
+                left=0.08,
+                right=0.88,
+                top=0.86,
+                bottom=0.2,
+                wspace=0.25,
+            )
+            count = 3 if panel == "shards" else 1
+            self._figures[panel] = (fig, [fig.add_subplot(grid[0, i]) for i in range(count)])
+        return self._figures[panel]
 
     def figure(self):
         """All panels in one new matplotlib Figure (object API; no pyplot state)."""
