@@ -111,11 +111,20 @@ def test_dashboard_updates_live_in_jupyterlab(tmp_path):
             page.wait_for_selector(
                 ".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000
             )
-            # run the three cells in order, as a learner would: Shift+Enter on each
-            page.locator(".jp-Cell .jp-InputArea-editor").first.click()
-            for _ in range(3):
-                page.keyboard.press("Shift+Enter")
-                time.sleep(0.3)
+            # run the three cells in order, as a learner would: select each one (a click on
+            # its prompt) and press Shift+Enter
+            prompts = page.locator(".jp-Notebook .jp-Cell .jp-InputPrompt")
+            for index in range(3):
+                for _attempt in range(5):  # a key press can arrive before the page listens
+                    prompts.nth(index).click()
+                    page.keyboard.press("Shift+Enter")
+                    deadline = time.monotonic() + 3
+                    while time.monotonic() < deadline:
+                        if prompts.nth(index).inner_text().strip() not in ("[ ]:", ""):
+                            break
+                        time.sleep(0.1)
+                    if prompts.nth(index).inner_text().strip() not in ("[ ]:", ""):
+                        break
             images = ".jp-OutputArea-output img"
             try:
                 page.wait_for_selector(images, timeout=90_000)
