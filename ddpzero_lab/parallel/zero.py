@@ -124,9 +124,17 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         self._finalize_queued = False
         self._next_launch = 0
         self._reduced = False  # stage 1: gradients already reduce-scattered (by clipping)
+        self._steps = 0
         if stage == 2:
             self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for _, p in named]
         self._emit_shard_map()
+        self._forward_at = time.time()
+        self._backward_end: float | None = None
+        self._comm_s = 0.0
+        self._forward_hook = module.register_forward_pre_hook(self._note_forward)
+
+    def _note_forward(self, module, args) -> None:
+        self._forward_at = time.time()
 
     # -- set-up ----------------------------------------------------------------------------
     def _make_buckets(self, named, cap_mb) -> list[_Bucket]:
@@ -208,6 +216,7 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         )
 
     def _finalize_backward(self) -> None:
+        self._backward_end = time.time()
         for bucket in self.buckets:
             for slot in range(len(bucket.params)):
                 if slot not in bucket.ready:  # no gradient this step: it contributes zeros
@@ -220,6 +229,7 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
             bucket.work = None
             bucket.ready = set()
             bucket.pending = len(bucket.params)
+        self._exposed_s = time.time() - self._backward_end
         self._next_launch = 0
         self._finalize_queued = False
 
@@ -229,6 +239,8 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("ZeRO's step() takes no closure")
         start = time.time()
+        backward_end = self._backward_end or start
+        exposed = getattr(self, "_exposed_s", 0.0) if self.stage == 2 else 0.0
         if self.stage == 1 and not self._reduced:
             for bucket in self.buckets:
                 bucket.used = {i for i, (_, p) in enumerate(bucket.params) if p.grad is not None}
@@ -245,7 +257,20 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         for bucket in self.buckets:  # the updated slices, to every rank
             mine = bucket.shard.detach().clone()  # the input must not alias the output
             comm.all_gather(bucket.flat, mine, group=self.group, tag=f"params{bucket.index}")
-        telemetry.emit("log", text=f"zero{self.stage} step in {time.time() - start:.4f} s")
+        done = time.time()
+        # stage 1 communicates inside step(); stage 2 partly during backward (exposed: the
+        # wait after it) and all-gathers in step()
+        telemetry.emit(
+            "step",
+            step=self._steps,
+            compute_s=backward_end - self._forward_at,
+            comm_s=(done - start) + exposed,
+            exposed_comm_s=(done - start) + exposed,
+            forward_start=self._forward_at,
+            backward_end=backward_end,
+        )
+        self._steps += 1
+        self._backward_end = None
         return None
 
     def _unused_slices(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
