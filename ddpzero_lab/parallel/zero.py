@@ -198,6 +198,11 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         bucket.used.add(slot)
         bucket.pending -= 1
         self._launch_ready()
+        for done in self.buckets[: self._next_launch]:
+            # a bucket whose reduce-scatter has completed needs its full gradients no more
+            # (P_os+g frees each bucket once it is reduced); the rest go at the end of backward
+            if done.grad_flat is not None and done.work is not None and done.work.is_completed():
+                done.grad_flat = None
 
     def _launch_ready(self) -> None:
         while self._next_launch < len(self.buckets):
