@@ -38,17 +38,14 @@ def _draw_panel(fig, spec, panel: str, snap: dict[str, Any]) -> Any:
     """Draw one panel into the grid cell `spec` of `fig`; returns what it drew."""
     if panel == "shards":
         sub = spec.subgridspec(1, 3, wspace=0.25)
-        return P.draw_shards([fig.add_subplot(sub[0, col]) for col in range(3)], snap)
-    draw = {
-        "memory": P.draw_memory,
-        "traffic": P.draw_traffic,
-        "timeline": P.draw_timeline,
-        "loss": P.draw_loss,
-    }[panel]
-    return draw(fig.add_subplot(spec), snap)
+        axes = [fig.add_subplot(sub[0, col]) for col in range(3)]
+    else:
+        axes = [fig.add_subplot(spec)]
+    return _draw_on(axes, panel, snap)
 
 
 def _draw_on(axes, panel: str, snap: dict[str, Any]) -> Any:
+    """Draw one panel on its axes (three for the shard maps, one for the others)."""
     if panel == "shards":
         return P.draw_shards(axes, snap)
     draw = {
