@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -31,3 +34,28 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def end_session(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """End a process started with start_new_session=True and everything in its session:
+    SIGTERM, then SIGKILL after `grace` seconds (0: at once)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        if sig == signal.SIGTERM and grace == 0:
+            continue
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # the whole session is gone already
+        try:
+            proc.wait(wait)
+            if sig == signal.SIGTERM:
+                return
+        except subprocess.TimeoutExpired:
+            continue

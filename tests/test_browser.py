@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, end_session, free_port
 
 CHROMIUM = os.environ.get("DDPZERO_CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
@@ -32,12 +30,6 @@ pytestmark = pytest.mark.skipif(
 )
 NOTEBOOK = Path(__file__).parent / "browser" / "dashboard_demo.ipynb"
 SCREENSHOT = Path(REPO) / "docs" / "dashboard.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, seconds: float) -> None:
@@ -64,7 +56,7 @@ def test_dashboard_updates_live_in_jupyterlab(tmp_path):
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")}
-    port, token = _free_port(), "ddpzero-browser-test"
+    port, token = free_port(), "ddpzero-browser-test"
     args = [
         sys.executable,
         "-m",
@@ -161,8 +153,4 @@ def test_dashboard_updates_live_in_jupyterlab(tmp_path):
         assert not [e for e in errors if "Traceback" in e or "Error" in e], errors
         assert SCREENSHOT.stat().st_size > 10_000
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        end_session(server)

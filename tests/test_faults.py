@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import PYTHON, REPO, alive
+from conftest import PYTHON, REPO, alive, end_session
 
 import ddpzero_lab as dzl
 
@@ -307,9 +307,7 @@ def test_jupyter_style_interrupt_cancels_cleanly_and_cluster_stays_usable():
             assert proc.stdout.readline().strip() == "ready"
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        end_session(proc, grace=0)
     report = json.loads(out.strip().splitlines()[-1])
     assert report["train"] != "finished" and report["stuck"] != "finished"
     assert report["train_next"] == [0, 1] and report["stuck_next"] == [0, 1]
@@ -430,9 +428,5 @@ def test_interrupt_while_the_cluster_starts_leaves_nothing_behind():
         # (not communicate(): a leaked worker would hold the pipe open forever)
         report = json.loads(proc.stdout.readline())
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: nothing may outlive it
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        end_session(proc, grace=0)  # the whole session: nothing may outlive the test
     assert report["workers"] == [] and report["leaked"] == [], report

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
-from conftest import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import REPO, end_session, free_port
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -26,7 +17,7 @@ def _get(url: str) -> tuple[int, str]:
 
 @pytest.mark.timeout(180)
 def test_make_lab_serves_the_notebooks():
-    port = _free_port()
+    port = free_port()
     token = "ddpzero-test"
     args = f"--no-browser --port={port} --IdentityProvider.token={token}"
     proc = subprocess.Popen(
@@ -54,12 +45,7 @@ def test_make_lab_serves_the_notebooks():
         status, listing = _get(f"{base}/api/contents?token={token}")
         assert status == 200 and "00_live_cluster.ipynb" in listing
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        end_session(proc)
     # Stopped: nothing answers on the port any more.
     with pytest.raises(OSError):
         _get(f"{base}/api/status?token={token}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -350,73 +351,42 @@ def all_gather(output, input, group=None, async_op=False, tag=None):
     )
 
 
-def send(tensor, dst, group=None, tag=None):
-    """torch.distributed.send, counted (B sent)."""
+def _point_to_point(op: str, peer_name: str, call, tensor, peer, group, tag, async_op):
+    """send, recv, isend and irecv: the same checks and counting, a different torch call."""
     _check_tensor("tensor", tensor)
     world_size, rank, _ = _group_info(group)
-    _check_peer("dst", dst, world_size, rank)
-    _launch(
-        "send",
+    _check_peer(peer_name, peer, world_size, rank)
+    return _launch(
+        op,
         tensor,
         tensor.numel(),
         group,
-        False,
+        async_op,
         tag,
-        lambda a: _blocking(dist.send, tensor, dst, group=group),
+        lambda a: call(tensor, peer, group=group),
         [],
     )
+
+
+def send(tensor, dst, group=None, tag=None):
+    """torch.distributed.send, counted (B sent)."""
+    _point_to_point("send", "dst", partial(_blocking, dist.send), tensor, dst, group, tag, False)
 
 
 def recv(tensor, src, group=None, tag=None):
     """torch.distributed.recv from a given rank, counted (B received)."""
-    _check_tensor("tensor", tensor)
-    world_size, rank, _ = _group_info(group)
-    _check_peer("src", src, world_size, rank)
-    _launch(
-        "recv",
-        tensor,
-        tensor.numel(),
-        group,
-        False,
-        tag,
-        lambda a: _blocking(dist.recv, tensor, src, group=group),
-        [],
-    )
+    _point_to_point("recv", "src", partial(_blocking, dist.recv), tensor, src, group, tag, False)
     return src
 
 
 def isend(tensor, dst, group=None, tag=None):
     """torch.distributed.isend, counted when the handle's wait() returns."""
-    _check_tensor("tensor", tensor)
-    world_size, rank, _ = _group_info(group)
-    _check_peer("dst", dst, world_size, rank)
-    return _launch(
-        "send",
-        tensor,
-        tensor.numel(),
-        group,
-        True,
-        tag,
-        lambda a: dist.isend(tensor, dst, group=group),
-        [],
-    )
+    return _point_to_point("send", "dst", dist.isend, tensor, dst, group, tag, True)
 
 
 def irecv(tensor, src, group=None, tag=None):
     """torch.distributed.irecv from a given rank, counted when the handle's wait() returns."""
-    _check_tensor("tensor", tensor)
-    world_size, rank, _ = _group_info(group)
-    _check_peer("src", src, world_size, rank)
-    return _launch(
-        "recv",
-        tensor,
-        tensor.numel(),
-        group,
-        True,
-        tag,
-        lambda a: dist.irecv(tensor, src, group=group),
-        [],
-    )
+    return _point_to_point("recv", "src", dist.irecv, tensor, src, group, tag, True)
 
 
 def barrier(group=None, async_op=False, tag=None):

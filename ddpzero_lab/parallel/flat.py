@@ -72,17 +72,22 @@ class FlatLayout:
         size = self.padded_numel // world_size
         return rank * size, (rank + 1) * size
 
+    def overlap(self, index: int, lo: int, hi: int) -> tuple[int, int] | None:
+        """The part of tensor `index` inside the buffer range [lo, hi), in buffer positions,
+        or None if they do not meet."""
+        begin = self.offsets[index]
+        a, b = max(begin, lo), min(begin + int(self.shapes[index].numel()), hi)
+        return (a, b) if a < b else None
+
     def owners(self, index: int, world_size: int) -> list[tuple[int, int, int]]:
         """For tensor `index`: [(rank, start, end)] of its elements (in the tensor's own
         flattened numbering) that each rank owns."""
         begin = self.offsets[index]
-        end = begin + int(self.shapes[index].numel())
         out = []
         for rank in range(world_size):
-            lo, hi = self.shard_range(rank, world_size)
-            a, b = max(lo, begin), min(hi, end)
-            if a < b:
-                out.append((rank, a - begin, b - begin))
+            span = self.overlap(index, *self.shard_range(rank, world_size))
+            if span is not None:
+                out.append((rank, span[0] - begin, span[1] - begin))
         return out
 
 

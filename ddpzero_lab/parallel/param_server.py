@@ -24,11 +24,12 @@ from torch import nn
 
 from .. import comm
 from .flat import emit_shard_map, replicated
+from .wrapper import WrappedOptimizer
 
 SERVER = 0
 
 
-class ParameterServerOptimizer(torch.optim.Optimizer):
+class ParameterServerOptimizer(WrappedOptimizer):
     """The optimizer `parallelize(..., strategy="param_server")` returns.
 
     Use it like a torch optimizer: `loss.backward(); optimizer.step(); optimizer.zero_grad()`.
@@ -62,13 +63,7 @@ class ParameterServerOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for tensor in [*module.parameters(), *module.buffers()]:
                 comm.broadcast(tensor.data, self.server, group=group, tag="init")
-        self.optimizer = optimizer(self.params) if self.rank == SERVER else None
-
-        # A torch Optimizer in its own right (learning-rate schedulers and step hooks accept
-        # it), whose param_groups and state are those of the optimizer it wraps.
-        torch.optim.Optimizer.__init__(self, self.params, {})
-        self.param_groups = self.optimizer.param_groups if self.optimizer is not None else []
-        self.state = self.optimizer.state if self.optimizer is not None else {}
+        self._adopt(self.params, optimizer(self.params) if self.rank == SERVER else None)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         emit_shard_map(
             "param_server",
@@ -79,13 +74,6 @@ class ParameterServerOptimizer(torch.optim.Optimizer):
         )
 
     # -- the torch.optim.Optimizer surface the training loop uses -----------------------------
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-
     def state_dict(self) -> dict:
         """The optimizer's state, held on the server only (empty on workers)."""
         return self.optimizer.state_dict() if self.optimizer is not None else {}

@@ -33,6 +33,7 @@ from torch import nn
 from .. import comm, telemetry
 from .ddp import broadcast_state, check_same_model
 from .flat import FlatLayout, emit_shard_map, replicated
+from .wrapper import WrappedOptimizer
 
 MB = 1024 * 1024
 
@@ -70,7 +71,7 @@ class _Bucket:
         return self.grad_flat
 
 
-class ZeroShardedOptimizer(torch.optim.Optimizer):
+class ZeroShardedOptimizer(WrappedOptimizer):
     """The optimizer `parallelize(..., "zero1" | "zero2")` returns; use it like a torch one."""
 
     def __init__(
@@ -109,13 +110,9 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         self._named = named
         cap = bucket_cap_mb if bucket_cap_mb is not None else (25 if stage == 2 else None)
         self.buckets = self._make_buckets(named, cap)
-        self.optimizer = optimizer([b.shard for b in self.buckets])
-
-        # A torch Optimizer in its own right (learning-rate schedulers and step hooks accept
-        # it), whose param_groups and state are those of the optimizer it wraps.
-        torch.optim.Optimizer.__init__(self, [b.shard for b in self.buckets], {})
-        self.param_groups = self.optimizer.param_groups if self.optimizer is not None else []
-        self.state = self.optimizer.state if self.optimizer is not None else {}
+        shards = [b.shard for b in self.buckets]
+        self._adopt(shards, optimizer(shards))
+        self.params = [p for _, p in named]
         self._where = {}
         for bucket in self.buckets:
             for slot, (_, p) in enumerate(bucket.params):
@@ -166,14 +163,8 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         )
 
     # -- the torch.optim surface ------------------------------------------------------------
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for _, p in self._named:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-        for bucket in self.buckets:
-            bucket.shard.grad = None
+    def _shards(self) -> list[torch.Tensor]:
+        return [b.shard for b in self.buckets]
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         # the flat parameter buffers are the module's parameters (counted there); the shards
@@ -293,13 +284,10 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
         keep, k = [], 0
         for bucket in self.buckets:
             for index in range(len(bucket.params)):
-                if used[k] == 0:
-                    begin = bucket.layout.offsets[index]
-                    end = begin + int(bucket.layout.shapes[index].numel())
-                    a, b = max(begin, bucket.lo), min(end, bucket.hi)
-                    if a < b:
-                        view = bucket.flat[a:b]
-                        keep.append((view, view.clone()))
+                span = bucket.layout.overlap(index, bucket.lo, bucket.hi)
+                if used[k] == 0 and span is not None:
+                    view = bucket.flat[span[0] : span[1]]
+                    keep.append((view, view.clone()))
                 k += 1
         return keep
 
@@ -440,7 +428,7 @@ def load_consolidated(
         group.update(saved)
 
 
-class ZeroOptimizer(torch.optim.Optimizer):
+class ZeroOptimizer(WrappedOptimizer):
     """A drop-in for torch's ZeroRedundancyOptimizer: `ZeroOptimizer(params, optimizer_class,
     **defaults)`.
 
@@ -474,21 +462,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             flat = self.layout.flatten([p.detach() for p in self.params])
         self.shard = nn.Parameter(flat[self.lo : self.hi].clone())
-        self.optimizer = optimizer_class([self.shard], **defaults)
+        self._adopt([self.shard], optimizer_class([self.shard], **defaults))
 
-        # A torch Optimizer in its own right (learning-rate schedulers and step hooks accept
-        # it), whose param_groups and state are those of the optimizer it wraps.
-        torch.optim.Optimizer.__init__(self, [self.shard], {})
-        self.param_groups = self.optimizer.param_groups if self.optimizer is not None else []
-        self.state = self.optimizer.state if self.optimizer is not None else {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-        self.shard.grad = None
+    def _shards(self) -> list[torch.Tensor]:
+        return [self.shard]
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"optimizer": [self.shard]}  # the fp32 master copy of this rank's slice
@@ -509,11 +486,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.shard.grad = grads[self.lo : self.hi].clone()
         keep = []
         for index in unused:
-            begin = self.layout.offsets[index]
-            end = begin + int(self.layout.shapes[index].numel())
-            a, b = max(begin, self.lo), min(end, self.hi)
-            if a < b:
-                view = self.shard[a - self.lo : b - self.lo]
+            span = self.layout.overlap(index, self.lo, self.hi)
+            if span is not None:
+                view = self.shard[span[0] - self.lo : span[1] - self.lo]
                 keep.append((view, view.clone()))
         self.optimizer.step()
         for view, saved in keep:
