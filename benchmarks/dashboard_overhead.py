@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--refresh-s", type=float, default=0.5)
+    parser.add_argument("--refresh-s", type=float, default=0.4)
     parser.add_argument("--max-duty", type=float, default=0.2)
     args = parser.parse_args()
     plain, watched, frames, drawing, events = [], [], [], [], []

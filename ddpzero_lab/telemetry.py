@@ -66,8 +66,10 @@ class EventConsumer(Protocol):
     `on_event` is called from the cluster's single consumer thread, once per event, in arrival
     order. It must be quick and must not print (output from a background thread lands in
     whichever notebook cell runs next): set widget state, append to a list. Optional methods
-    `on_job_start(job)` and `on_job_end(job)` are called on the same thread when present, and
-    `on_wait_end(job)` on the caller's thread when `run`/`wait` returns.
+    `on_job_start(job)` and `on_job_end(job)` are called on the same thread when present;
+    `on_submit()` on the caller's thread before the ranks get the job (a dashboard builds its
+    figures there, rather than taking the CPU from the ranks' first steps) and `on_wait_end(job)`
+    on the caller's thread when `run`/`wait` returns.
     """
 
     def on_event(self, event: Event) -> None: ...

@@ -3,6 +3,8 @@ artists), the live path in a real cluster run, replay from a file, and bad input
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,9 @@ from torch import nn
 
 import ddpzero_lab as dzl
 from ddpzero_lab.telemetry import EVERY_RANK, Event, shard_map_entry
-from ddpzero_lab.viz.panels import shard_image
+from ddpzero_lab.viz.dashboard import _draw_on
+from ddpzero_lab.viz.panels import boxes, shard_image
+from ddpzero_lab.viz.render import sticky_limits
 
 MB = 1e6
 
@@ -118,10 +122,11 @@ def test_memory_panel_draws_each_category_per_rank_and_the_formula():
     assert drawn[0]["activations"] == 1000  # from the after_forward phase
     fig = dash.figure()
     ax = fig.axes[0]
-    heights = {}
-    for container in ax.containers:
-        label = container.get_label()
-        heights[label] = [round(bar.get_height() * MB) for bar in container]
+    heights = {
+        bars.get_label(): [round(h * MB) for *_, h in boxes(bars)]
+        for bars in ax.collections
+        if str(bars.get_gid()).startswith("mem:")
+    }
     assert heights["optimizer"] == [28, 56] and heights["grads"] == [56, 56]
     assert heights["activations"] == [1000, 1000] and heights["scratch"] == [8, 8]
     # the ZeRO-1 formula: 4 + 4 bytes per parameter, K from what both ranks hold (84/14 = 6),
@@ -218,3 +223,53 @@ def test_live_run_updates_the_dashboard_and_replays_the_same(tmp_path):
     assert replay.drawn["traffic"] == dash.drawn["traffic"]
     assert np.array_equal(replay.drawn["shards"]["params"], dash.drawn["shards"]["params"])
     assert replay.save(tmp_path / "replay.png").stat().st_size > 0
+
+
+def test_sticky_limits_keep_the_background_until_the_data_outgrows_it():
+    assert sticky_limits((0.0, 10.0), None) == (0.0, 20.0)  # headroom past the growing end
+    assert sticky_limits((0.0, 19.0), (0.0, 20.0)) == (0.0, 20.0)  # still fits: kept
+    assert sticky_limits((0.0, 21.0), (0.0, 20.0)) == (0.0, 42.0)  # outgrown: renewed
+    assert sticky_limits((0.0, 5.0), (0.0, 20.0)) == (0.0, 10.0)  # fills too little: renewed
+    assert sticky_limits((2.0, 4.0), None) == (1.5, 6.0)
+    for wanted in [(0.0, 1.0), (3.0, 4.0), (-2.0, 7.0)]:  # renewed limits hold what they got
+        assert sticky_limits(wanted, sticky_limits(wanted, None)) == sticky_limits(wanted, None)
+
+
+def _pixels(png):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+@pytest.mark.parametrize("panel", ["memory", "traffic", "timeline", "loss"])
+def test_a_blitted_frame_equals_the_same_frame_drawn_in_full(panel):
+    """Live frames paste the background and draw only the data: the pixels must be those of a
+    full draw of the same snapshot with the same limits."""
+    events = []
+    for repeat in range(3):  # the same step again, later: the data moves on
+        for e in _log()[1 if repeat else 0 :]:
+            fields = {
+                k: v + 2.0 * repeat if k in ("start", "end") else v for k, v in e.fields.items()
+            }
+            if "step" in fields:
+                fields["step"] += 2 * repeat
+            events.append(_ev(e.kind, e.rank, e.time + 2.0 * repeat, **fields))
+    dash = dzl.Dashboard(panels=(panel,))
+    dash.render()  # empty first, as when displayed before the job: no ticks
+    for event in events[: len(events) // 2]:
+        dash.state.update(event)
+    dash.render()
+    canvas = dash._canvases[panel]
+    full_draws = canvas.full_draws
+    for event in events[len(events) // 2 :]:
+        dash.state.update(event)
+    snap = dash.state.snapshot()
+    draw = lambda axes, legend: _draw_on(axes, panel, snap, legend)  # noqa: E731
+    _, blitted = canvas.frame(draw)
+    _, again = canvas.frame(draw)
+    assert canvas.full_draws <= full_draws + 1  # at most one new background, then reused
+    canvas._key = None  # force the full path
+    _, full = canvas.frame(draw)
+    assert np.array_equal(_pixels(blitted), _pixels(full))
+    assert np.array_equal(_pixels(again), _pixels(full))
+    assert len(canvas.axes[0].get_yticks()) >= 2  # the empty frame's tick removal is undone

@@ -961,6 +961,9 @@ class LiveCluster:
                 f"fn and its arguments must be picklable to reach the ranks "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
+        prepare = getattr(dashboard, "on_submit", None)
+        if prepare is not None:
+            prepare()  # in the caller's thread, before the ranks start
         with self._lock:
             if self.closed:
                 raise ClusterError("this LiveCluster is closed; start a new one")

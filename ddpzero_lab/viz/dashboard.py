@@ -27,6 +27,7 @@ from typing import Any
 
 from ..telemetry import Event
 from . import panels as P
+from .render import PanelCanvas
 from .state import DashboardState, load_events
 
 PANELS = ("memory", "shards", "traffic", "timeline", "loss")
@@ -44,28 +45,17 @@ def _draw_panel(fig, spec, panel: str, snap: dict[str, Any]) -> Any:
     return _draw_on(axes, panel, snap)
 
 
-def _draw_on(axes, panel: str, snap: dict[str, Any]) -> Any:
+def _draw_on(axes, panel: str, snap: dict[str, Any], legend: bool = True) -> Any:
     """Draw one panel on its axes (three for the shard maps, one for the others)."""
     if panel == "shards":
-        return P.draw_shards(axes, snap)
+        return P.draw_shards(axes, snap, legend=legend)
     draw = {
         "memory": P.draw_memory,
         "traffic": P.draw_traffic,
         "timeline": P.draw_timeline,
         "loss": P.draw_loss,
     }[panel]
-    return draw(axes[0], snap)
-
-
-def _clear(ax) -> None:
-    """Remove what a frame drew, keep the Axes and its ticks."""
-    for artist in [*ax.lines, *ax.collections, *ax.patches, *ax.images, *ax.texts]:
-        artist.remove()
-    ax.containers.clear()
-    if ax.get_legend() is not None:
-        ax.get_legend().remove()
-    ax.relim()
-    ax.set_autoscale_on(True)
+    return draw(axes[0], snap, legend=legend)
 
 
 def _tidy(fig) -> None:
@@ -78,19 +68,17 @@ def _lowest_priority() -> None:
     import os
 
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(
+            os.PRIO_PROCESS, threading.get_native_id(), int(os.environ.get("DZL_NICE", "19"))
+        )
     except (AttributeError, OSError):
         pass  # elsewhere the drawing runs at normal priority; max_duty still bounds it
 
 
-def _png(fig, tight: bool = False) -> bytes:
+def _png(fig) -> bytes:
+    """The whole picture, drawn tight (legends included): the saved notebook's fallback."""
     buffer = io.BytesIO()
-    # live frames: fast compression and no tight box (it costs a second layout pass); a frame
-    # lives for half a second. The final picture is drawn tight, legends included.
-    if tight:
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-    else:
-        fig.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})
+    fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -106,7 +94,7 @@ class Dashboard:
     def __init__(
         self,
         panels: Sequence[str] = PANELS,
-        refresh_s: float = 0.5,
+        refresh_s: float = 0.4,
         max_duty: float = 0.2,
         width_in: float = 10.0,
         dpi: int = 64,
@@ -131,7 +119,7 @@ class Dashboard:
         self.render_seconds = 0.0  # CPU seconds spent drawing: the dashboard's own cost
         self.drawn: dict[str, Any] = {}  # what each panel drew last, for tests and lessons
         self._panel_png: dict[str, bytes] = {}
-        self._figures: dict[str, tuple] = {}
+        self._canvases: dict[str, PanelCanvas] = {}
         self._drawn_versions: dict[str, int] = {}
         self._png = b""  # all panels in one picture (the plain fallback)
         self._render_lock = threading.Lock()
@@ -175,6 +163,11 @@ class Dashboard:
             except Exception:  # noqa: BLE001 - a drawing bug must not end the thread
                 self.render_errors += 1
 
+    def on_submit(self) -> None:
+        """Build the panels' figures and backgrounds now, in the caller's thread, so that the
+        first frame while the ranks run is as cheap as the others."""
+        self.render()
+
     def on_job_start(self, job) -> None:
         self._set_status(f"job {job.id} ({job.name}) running")
 
@@ -186,7 +179,7 @@ class Dashboard:
         """Called in the notebook's own thread when `run`/`wait` returns: refresh the plain
         PNG of the display so that a headless run saves the final picture."""
         self.render()
-        self._png = _png(self.figure(), tight=True)
+        self._png = _png(self.figure())
         if self._displayed:
             try:
                 from IPython.display import update_display
@@ -201,7 +194,7 @@ class Dashboard:
         for event in events:
             self.state.update(event)
         self.render()
-        self._png = _png(self.figure(), tight=True)
+        self._png = _png(self.figure())
         return self
 
     def render(self) -> dict[str, bytes]:
@@ -212,32 +205,30 @@ class Dashboard:
         with self._render_lock:
             # CPU time of this thread: what the drawing takes from the machine (wall time
             # would also count the waits of a low-priority thread)
-            start = time.thread_time()
+            start, began = time.thread_time(), time.monotonic()
             snap = self.state.snapshot()
             for panel in self.panels:
                 version = snap["versions"][panel]
                 if self._drawn_versions.get(panel) == version and panel in self._panel_png:
                     continue
-                fig, axes = self._panel_figure(panel, Figure)
-                for ax in axes:
-                    _clear(ax)
-                self.drawn[panel] = _draw_on(axes, panel, snap)
-                for ax in axes:
-                    ax.tick_params(labelsize=7)
-                self._panel_png[panel] = _png(fig)
+                canvas = self._panel_canvas(panel, Figure)
+                self.drawn[panel], self._panel_png[panel] = canvas.frame(
+                    lambda axes, legend, panel=panel: _draw_on(axes, panel, snap, legend)
+                )
                 self._drawn_versions[panel] = version
                 if panel in self._images:
                     self._images[panel].value = self._panel_png[panel]  # widget state only
             cost = time.thread_time() - start
             self.frames += 1
             self.render_seconds += cost
-            self._next_frame = time.monotonic() + max(self.refresh_s, cost / self.max_duty)
+            # frames start refresh_s apart (or further apart, to stay under max_duty)
+            self._next_frame = began + max(self.refresh_s, cost / self.max_duty)
             return dict(self._panel_png)
 
-    def _panel_figure(self, panel: str, figure_class):
-        """The panel's own Figure and Axes, made once and reused: building axes (their
+    def _panel_canvas(self, panel: str, figure_class) -> PanelCanvas:
+        """The panel's own Figure, Axes and canvas, made once and reused: building axes (their
         ticks above all) costs more than drawing them, so frames only swap the artists."""
-        if panel not in self._figures:
+        if panel not in self._canvases:
             fig = figure_class(figsize=(self.width_in, _ROW_HEIGHT_IN), dpi=self.dpi)
             grid = fig.add_gridspec(
                 1,
@@ -249,8 +240,11 @@ class Dashboard:
                 wspace=0.25,
             )
             count = 3 if panel == "shards" else 1
-            self._figures[panel] = (fig, [fig.add_subplot(grid[0, i]) for i in range(count)])
-        return self._figures[panel]
+            axes = [fig.add_subplot(grid[0, i]) for i in range(count)]
+            for ax in axes:
+                ax.tick_params(labelsize=7)
+            self._canvases[panel] = PanelCanvas(fig, axes, sticky=panel != "shards")
+        return self._canvases[panel]
 
     def figure(self):
         """All panels in one new matplotlib Figure (object API; no pyplot state)."""
@@ -315,7 +309,7 @@ class Dashboard:
 
     def _bundle(self) -> dict[str, Any]:
         if not self._png:
-            self._png = _png(self.figure(), tight=True)
+            self._png = _png(self.figure())
         bundle: dict[str, Any] = {
             "text/plain": repr(self),
             "image/png": base64.b64encode(self._png).decode("ascii"),

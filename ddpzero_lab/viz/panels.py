@@ -3,6 +3,12 @@ it is given (matplotlib's object API only, no pyplot state).
 
 Each function draws what the events say and nothing else; the tests read the numbers back
 from the artists. Colours: one per rank (tab10), one per memory category, one per op.
+Bars are drawn as one PolyCollection per colour rather than one Rectangle per bar: a live frame
+builds its artists anew, and a collection costs a fraction of a patch per bar.
+
+`legend=False` leaves the legend out but records its labels (`legend_labels(ax)`): a live frame
+whose axes, ticks and legend are unchanged reuses the picture of them drawn before
+(`render.PanelCanvas`), so only the data is drawn again.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from matplotlib.collections import PolyCollection
 
 from .state import MEMORY_PARTS
 
@@ -45,6 +52,46 @@ def _rank_color(rank: int):
     return colormaps["tab10"](rank % 10)
 
 
+def _boxes(ax, x, bottom, width, height, color, gid: str, label: str | None = None):
+    """Rectangles (x centred, from `bottom` up by `height`) as one PolyCollection."""
+    x, bottom, height = (np.asarray(v, dtype=float) for v in (x, bottom, height))
+    left, right, top = x - width / 2, x + width / 2, bottom + height
+    verts = np.stack(
+        [
+            np.stack([left, bottom], 1),
+            np.stack([left, top], 1),
+            np.stack([right, top], 1),
+            np.stack([right, bottom], 1),
+        ],
+        axis=1,
+    )
+    boxes = PolyCollection(verts, facecolors=color, edgecolors="none", gid=gid, label=label)
+    ax.add_collection(boxes)
+    return boxes
+
+
+def boxes(collection) -> list[tuple[float, float, float, float]]:
+    """(left, bottom, width, height) of each rectangle of a `_boxes` collection: for reading
+    a bar chart back."""
+    out = []
+    for path in collection.get_paths():
+        (x0, y0), (x1, y1) = path.vertices[:4].min(0), path.vertices[:4].max(0)
+        out.append((float(x0), float(y0), float(x1 - x0), float(y1 - y0)))
+    return out
+
+
+def add_legend(ax, show: bool = True) -> None:
+    """Draw the legend if `show`; always record its labels for `legend_labels`."""
+    handles = [a for a in [*ax.lines, *ax.collections] if not a.get_label().startswith("_")]
+    ax._ddpzero_legend = tuple(h.get_label() for h in handles)
+    if show and handles:
+        ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def legend_labels(ax) -> tuple[str, ...]:
+    return getattr(ax, "_ddpzero_legend", ())
+
+
 def _empty(ax, title: str, why: str) -> None:
     ax.set_title(title, fontsize=9, loc="left")
     ax.text(
@@ -54,7 +101,7 @@ def _empty(ax, title: str, why: str) -> None:
     ax.set_yticks([])
 
 
-def draw_memory(ax, snap: dict[str, Any]) -> dict[int, dict[str, float]]:
+def draw_memory(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, dict[str, float]]:
     """Stacked bar per rank (its latest phase, preferring after_backward, where grads and
     optimizer state coexist) by category; the formula's value as a black tick beside each bar;
     the rank's peak as a dashed line. Returns {rank: {category: bytes}} as drawn."""
@@ -75,17 +122,9 @@ def draw_memory(ax, snap: dict[str, Any]) -> dict[int, dict[str, float]]:
             parts["activations"] = memory[(rank, "after_forward")]["activations"]
         drawn[rank] = parts
     bottom = np.zeros(len(ranks))
-    for part in MEMORY_PARTS:  # one bar call per category: few artists, fast to draw
+    for part in MEMORY_PARTS:  # one collection per category: few artists, fast to draw
         values = np.array([drawn[r].get(part, 0.0) / MB for r in ranks])
-        ax.bar(
-            ranks,
-            values,
-            bottom=bottom,
-            color=PART_COLORS[part],
-            width=0.6,
-            label=part,
-            gid=f"mem:{part}",
-        )
+        _boxes(ax, ranks, bottom, 0.6, values, PART_COLORS[part], gid=f"mem:{part}", label=part)
         bottom += values
     peaks = [snap["peak"].get(r, 0.0) / MB for r in ranks]
     ax.hlines(
@@ -117,7 +156,7 @@ def draw_memory(ax, snap: dict[str, Any]) -> dict[int, dict[str, float]]:
         fontsize=9,
         loc="left",
     )
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    add_legend(ax, legend)
     return drawn
 
 
@@ -134,7 +173,7 @@ def shard_image(entries: list[dict], kind: str, world_size: int, width: int = 12
     return image
 
 
-def draw_shards(axes, snap: dict[str, Any]) -> dict[str, np.ndarray]:
+def draw_shards(axes, snap: dict[str, Any], legend: bool = True) -> dict[str, np.ndarray]:
     """Three maps (optimizer state, gradients, parameters): who owns each slice of each
     parameter. Returns the images drawn, keyed by kind."""
     shard_map = snap.get("shard_map")
@@ -172,7 +211,7 @@ def draw_shards(axes, snap: dict[str, Any]) -> dict[str, np.ndarray]:
     return drawn
 
 
-def draw_traffic(ax, snap: dict[str, Any]) -> dict[int, float]:
+def draw_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, float]:
     """Cumulative bytes sent per rank over time, with the model's expectation (expected
     bytes per step x completed steps) as dashed lines. Returns {rank: bytes sent so far}."""
     series = snap["sent_over_time"]
@@ -205,13 +244,46 @@ def draw_traffic(ax, snap: dict[str, Any]) -> dict[int, float]:
     ax.set_xlabel("seconds", fontsize=8)
     ax.set_ylabel("MB sent (cumulative)", fontsize=8)
     ax.set_title("traffic: sent per rank (dashed: model x steps)", fontsize=9, loc="left")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    add_legend(ax, legend)
     return totals
 
 
-def draw_timeline(ax, snap: dict[str, Any], window_s: float = 3.0) -> list[tuple]:
+ROWS_PER_RANK = 20  # the timeline image's rows per rank: lanes 0.4 high with gaps of 0.05
+_LANES = {"compute": (2, 10), "comm": (11, 19)}  # rows of each lane within a rank's 20
+
+
+def _kind_color(kind: str):
+    return OP_COLORS.get(kind, "#999999")
+
+
+def timeline_image(
+    intervals, lo: float, hi: float, first_rank: int, last_rank: int, kinds, width: int = 800
+) -> np.ndarray:
+    """The timeline's bars as an RGBA image: `width` columns from `lo` to `hi` seconds,
+    ROWS_PER_RANK rows per rank from `first_rank` (bottom) up, compute in the lower lane and
+    collectives in the upper one; transparent where nothing runs. One image costs the same
+    however many bars it shows, where one rectangle per collective would not."""
+    from matplotlib.colors import to_rgba
+
+    rows = (last_rank - first_rank + 1) * ROWS_PER_RANK
+    image = np.zeros((rows, width, 4), dtype=np.uint8)
+    colors = {k: (np.array(to_rgba(_kind_color(k))) * 255).astype(np.uint8) for k in kinds}
+    scale = width / max(hi - lo, 1e-9)
+    for rank, kind, start, end in intervals:
+        a = min(max(int((start - lo) * scale), 0), width - 1)
+        b = min(max(int(np.ceil((end - lo) * scale)), a + 1), width)
+        top, bottom = _LANES["compute" if kind == "compute" else "comm"]
+        base = (rank - first_rank) * ROWS_PER_RANK
+        image[base + top : base + bottom, a:b] = colors[kind]
+    return image
+
+
+def draw_timeline(
+    ax, snap: dict[str, Any], legend: bool = True, window_s: float = 3.0
+) -> list[tuple]:
     """Per rank, compute and each collective as bars over time (the last `window_s`
-    seconds). Returns the intervals drawn as (rank, kind, start, end) relative to t0."""
+    seconds), drawn as one image. Returns the intervals drawn as (rank, kind, start, end)
+    relative to t0."""
     intervals = snap["intervals"]
     if not intervals:
         _empty(ax, "timeline", "no steps or collectives yet")
@@ -219,36 +291,29 @@ def draw_timeline(ax, snap: dict[str, Any], window_s: float = 3.0) -> list[tuple
     t0 = snap["t0"] or 0.0
     latest = max(end for _, _, _, end in intervals)
     shown = [iv for iv in intervals if iv[3] >= latest - window_s]
-    drawn = []
-    bars: dict[tuple[int, str], list[tuple[float, float]]] = {}
-    for rank, kind, start, end in shown:
-        bars.setdefault((rank, kind), []).append((start - t0, max(end - start, 1e-4)))
-        drawn.append((rank, kind, start - t0, end - t0))
-    for (rank, kind), spans in bars.items():  # one artist per rank and kind
-        lane = 0.0 if kind == "compute" else 0.45
-        ax.broken_barh(
-            spans,
-            (rank + lane - 0.4, 0.4),
-            facecolors=OP_COLORS.get(kind, "#999999"),
-            gid=f"bar:{rank}:{kind}",
+    drawn = [(rank, kind, start - t0, end - t0) for rank, kind, start, end in shown]
+    ranks = sorted({r for r, *_ in shown})
+    kinds = sorted({k for _, k, *_ in shown})
+    lo = max(latest - window_s, min(start for _, _, start, _ in shown)) - t0
+    hi = latest - t0
+    image = timeline_image(drawn, lo, hi, ranks[0], ranks[-1], kinds)
+    extent = (lo, hi, ranks[0] - 0.5, ranks[-1] + 0.5)
+    ax.imshow(
+        image, extent=extent, origin="lower", aspect="auto", interpolation="nearest", gid="bars"
+    )
+    for kind in kinds:  # empty collections: the legend's entries
+        ax.add_collection(
+            PolyCollection([], facecolors=_kind_color(kind), label=kind, gid=f"key:{kind}")
         )
     ranks = sorted({r for r, *_ in shown})
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks], fontsize=7)
     ax.set_xlabel("seconds", fontsize=8)
     ax.set_title("timeline: compute (grey) and collectives", fontsize=9, loc="left")
-    from matplotlib.patches import Patch
-
-    kinds = sorted({k for _, k, *_ in shown})
-    ax.legend(
-        handles=[Patch(color=OP_COLORS.get(k, "#999999"), label=k) for k in kinds],
-        fontsize=6,
-        loc="upper left",
-        ncol=min(len(kinds), 4),
-    )
+    add_legend(ax, legend)
     return drawn
 
 
-def draw_loss(ax, snap: dict[str, Any]) -> dict[str, list[float]]:
+def draw_loss(ax, snap: dict[str, Any], legend: bool = True) -> dict[str, list[float]]:
     """Loss per step per rank (thin) and its mean over ranks (thick)."""
     losses = snap["losses"]
     if not losses:
@@ -276,5 +341,5 @@ def draw_loss(ax, snap: dict[str, Any]) -> dict[str, list[float]]:
     drawn["mean"] = mean
     ax.set_xlabel("step", fontsize=8)
     ax.set_title("loss", fontsize=9, loc="left")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    add_legend(ax, legend)
     return drawn

@@ -1,0 +1,138 @@
+"""Live frames of one panel, drawn by blitting.
+
+Drawing a matplotlib Axes from scratch costs tens of milliseconds, most of it in the ticks,
+labels and legend, which barely change while a job runs. A `PanelCanvas` draws them once into a
+background picture and, for each later frame, pastes that picture and draws only the data
+artists on top (Agg's `restore_region` and `draw_artist`), then encodes the pixels as PNG. The
+background is drawn again only when what it shows changes: the axis limits, the ticks, the
+titles or the legend's entries.
+
+Axis limits would change with every frame (a growing loss curve, cumulative traffic, the
+timeline's moving window), so a live frame keeps the limits of the frame before while the data
+still fits them well, and otherwise takes new ones with some headroom: the background is redrawn
+a few times a run, not every frame.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import panels as P
+
+# When limits are renewed, the span is doubled past the upper end (a growing series: time,
+# cumulative bytes, steps) and widened by a quarter below the lower end (a falling loss), so
+# that a series that grows steadily renews them only each time it doubles.
+HEADROOM = 1.0
+HEADROOM_BELOW = 0.25
+MIN_FILL = 0.3  # renew the limits when the data fills less than this share of them
+
+
+def clear(ax) -> None:
+    """Remove what a frame drew, keep the Axes; ticks go back to automatic (an empty panel
+    removes them)."""
+    from matplotlib.ticker import AutoLocator, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(AutoLocator())
+        axis.set_major_formatter(ScalarFormatter())
+    for artist in data_artists(ax):
+        artist.remove()
+    ax.containers.clear()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    ax.relim()
+    ax.set_autoscale_on(True)
+
+
+def data_artists(ax) -> list:
+    return [*ax.lines, *ax.collections, *ax.patches, *ax.images, *ax.texts]
+
+
+def sticky_limits(wanted: tuple[float, float], held: tuple[float, float] | None):
+    """The limits a live frame shows: `held` while `wanted` fits inside them and fills at least
+    MIN_FILL of them, else `wanted` widened by HEADROOM of its span past its upper end and by
+    HEADROOM_BELOW past its lower end unless that is zero (the floor of bars and byte counts)."""
+    lo, hi = wanted
+    if held is not None:
+        held_lo, held_hi = held
+        if held_lo <= lo and hi <= held_hi and (hi - lo) >= MIN_FILL * (held_hi - held_lo):
+            return held
+    span = (hi - lo) or 1.0
+    return (lo if lo == 0 else lo - HEADROOM_BELOW * span, hi + HEADROOM * span)
+
+
+def png(canvas) -> bytes:
+    """The canvas's pixels as PNG, fast compression (a live frame lives for half a second)."""
+    from PIL import Image
+
+    width, height = canvas.get_width_height()
+    image = Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+    buffer = io.BytesIO()
+    image.save(buffer, format="png", compress_level=1)
+    return buffer.getvalue()
+
+
+class PanelCanvas:
+    """One panel's Figure and Axes, made once; `frame` draws a snapshot and returns the PNG."""
+
+    def __init__(self, fig, axes: Sequence, sticky: bool = True) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        self.fig = fig
+        self.axes = list(axes)
+        self.canvas = FigureCanvasAgg(fig)
+        self.sticky = sticky  # False: show each frame's own limits (maps that fill their axes)
+        self.full_draws = 0  # how often the background was drawn again
+        self._key: Any = None
+        self._background = None
+        self._limits: dict[tuple[int, str], tuple[float, float]] = {}
+
+    def frame(self, draw: Callable[..., Any]) -> tuple[Any, bytes]:
+        """`draw(axes, legend=...)` puts this frame's artists on the axes; returns what it
+        drew and the frame's PNG."""
+        for ax in self.axes:
+            clear(ax)
+        drawn = draw(self.axes, legend=False)
+        for index, ax in enumerate(self.axes):
+            if self.sticky:
+                self._stick(index, ax)
+        key = tuple(self._layout(ax) for ax in self.axes)
+        data = [artist for ax in self.axes for artist in data_artists(ax)]
+        if key != self._key or self._background is None:
+            for ax in self.axes:
+                P.add_legend(ax)
+            for artist in data:
+                artist.set_animated(True)  # left out of the full draw: the background
+            self.canvas.draw()
+            self._background = self.canvas.copy_from_bbox(self.fig.bbox)
+            self._key = key
+            self.full_draws += 1
+        else:
+            self.canvas.restore_region(self._background)
+        for artist in data:
+            artist.axes.draw_artist(artist)
+        return drawn, png(self.canvas)
+
+    def _stick(self, index: int, ax) -> None:
+        ax.autoscale_view()
+        for axis, get, set_ in (("x", ax.get_xlim, ax.set_xlim), ("y", ax.get_ylim, ax.set_ylim)):
+            lo, hi = get()
+            limits = sticky_limits((min(lo, hi), max(lo, hi)), self._limits.get((index, axis)))
+            self._limits[(index, axis)] = limits
+            set_(*(limits if lo <= hi else limits[::-1]))  # an image's y axis runs downwards
+
+    @staticmethod
+    def _layout(ax) -> tuple:
+        """What the background of this Axes shows besides the data."""
+        fixed = getattr(ax.yaxis.get_major_formatter(), "seq", None)
+        return (
+            ax.get_xlim(),
+            ax.get_ylim(),
+            tuple(ax.get_xticks()),
+            tuple(ax.get_yticks()),
+            tuple(fixed) if fixed is not None else None,
+            ax.get_title(loc="left"),
+            P.legend_labels(ax),
+        )
