@@ -71,9 +71,8 @@ def train_on_rank(strategy: str, optimizer: str, steps: int, local_batch: int, *
         loss.backward()
         opt.step()
         opt.zero_grad()
-    # keyed as the plain module's state_dict (a wrapper's own keys carry a "module." prefix)
-    plain = getattr(model, "module", model)
-    return {k: v.detach().clone() for k, v in plain.state_dict().items()}
+    # keyed as the plain module's state_dict, full tensors (ZeRO-3 gathers its shards)
+    return dzl.full_state_dict(model)
 
 
 def assert_same_parameters(got: dict, want: dict, atol: float = 1e-6) -> None:

@@ -64,8 +64,12 @@ def test_parallelize_checks_its_arguments():
         dzl.parallelize(model, "fsdp", optimizer=lambda p: torch.optim.SGD(p, lr=1))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dzl.parallelize("model", "local", optimizer=lambda p: torch.optim.SGD(p, lr=1))
-    with pytest.raises(NotImplementedError, match="not built yet"):
+    with pytest.raises(RuntimeError, match="process group"):
         dzl.parallelize(model, "zero3", optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        dzl.parallelize(model, "local", optimizer=lambda p: p, precision="fp16")
+    with pytest.raises(ValueError, match="fp32 only"):
+        dzl.parallelize(model, "param_server", optimizer=lambda p: p, precision="bf16-mixed")
     with pytest.raises(TypeError, match="only group="):
         dzl.parallelize(
             model, "param_server", optimizer=lambda p: torch.optim.SGD(p, lr=1), bucket_cap_mb=1

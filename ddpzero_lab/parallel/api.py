@@ -13,9 +13,10 @@ from torch import nn
 
 from ..cluster.context import in_worker
 from ..memory import MemoryTracker
+from .precision import MasterWeightsOptimizer, cast_at_edges, check_precision, to_compute_dtype
 
 STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
-AVAILABLE = ("local", "ddp", "zero1", "zero2", "param_server")
+AVAILABLE = STRATEGIES
 
 
 def parallelize(
@@ -23,6 +24,7 @@ def parallelize(
     strategy: str = "ddp",
     optimizer: Callable | None = None,
     track_memory: bool | None = None,
+    precision: str = "fp32",
     **options,
 ):
     """Return (model, optimizer) for `strategy`; call inside a rank, every rank alike.
@@ -33,6 +35,13 @@ def parallelize(
                `lambda params: torch.optim.AdamW(params, lr=1e-3)`.
     track_memory: emit `memory` events at each phase of a step (default: on inside a
                LiveCluster rank, off elsewhere).
+    precision: "fp32", or "bf16-mixed" (all but param_server): bf16 parameters and gradients
+               for compute and communication, fp32 master weights and optimizer state; inputs
+               are cast to bf16 and outputs back to fp32 at the model's edges.
+    options:   ddp: bucket_cap_mb=, ...; zero1/zero2: bucket_cap_mb=, group=; zero3: units=
+               (a callable (name, module) -> bool choosing the units; default each child of
+               the root with parameters), prefetch= (all-gather the next unit while one runs),
+               group=; param_server: group=.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -49,19 +58,34 @@ def parallelize(
             "strategy decides which parameters each rank's optimizer holds), e.g. "
             "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
         )
+    dtype = check_precision(precision)
     if strategy not in AVAILABLE:
         raise NotImplementedError(
             f"strategy {strategy!r} is not built yet; available now: {', '.join(AVAILABLE)}"
         )
+    if precision != "fp32" and strategy == "param_server":
+        raise ValueError("the parameter server trains in fp32 only (precision='fp32')")
+    mixed = precision != "fp32" and strategy != "zero3"  # zero3 casts its own shards
+    masters = to_compute_dtype(module, dtype) if mixed else None
+    if mixed:
+        cast_at_edges(module, dtype)
+
+    def replicated_optimizer():
+        params = [p for p in module.parameters() if p.requires_grad]
+        if masters is None:
+            return optimizer(params)
+        fp32 = [m for p, m in zip(module.parameters(), masters, strict=True) if p.requires_grad]
+        return MasterWeightsOptimizer(params, fp32, optimizer)
+
     if strategy == "local":
         if options:
             raise TypeError(f"strategy 'local' takes no options, got {sorted(options)}")
-        model, opt = module, optimizer([p for p in module.parameters() if p.requires_grad])
+        model, opt = module, replicated_optimizer()
     elif strategy == "ddp":
         from .ddp import DDP
 
         model = DDP(module, **options)
-        opt = optimizer([p for p in module.parameters() if p.requires_grad])
+        opt = replicated_optimizer()
     elif strategy in ("zero1", "zero2"):
         from .zero import ZeroShardedOptimizer
 
@@ -70,7 +94,19 @@ def parallelize(
                 f"strategy {strategy!r} takes group= and bucket_cap_mb=, got {sorted(options)}"
             )
         model = module
-        opt = ZeroShardedOptimizer(module, optimizer, stage=int(strategy[-1]), **options)
+        opt = ZeroShardedOptimizer(
+            module, optimizer, stage=int(strategy[-1]), masters=masters, **options
+        )
+    elif strategy == "zero3":
+        from .zero3 import Zero3, Zero3Optimizer
+
+        if set(options) - {"group", "units", "prefetch"}:
+            raise TypeError(
+                f"strategy 'zero3' takes units=, prefetch= and group=, got {sorted(options)}"
+            )
+        engine = Zero3(module, precision=precision, **options)
+        module._ddpzero_zero3 = engine  # full_state_dict and checkpoints find it here
+        model, opt = module, Zero3Optimizer(engine, optimizer)
     else:
         from .param_server import ParameterServerOptimizer
 
@@ -93,5 +129,8 @@ def full_state_dict(model: nn.Module) -> dict:
     gather = getattr(model, "full_state_dict", None)
     if callable(gather):
         return gather()
+    engine = getattr(model, "_ddpzero_zero3", None)
+    if engine is not None:
+        return engine.full_state_dict()
     module = getattr(model, "module", model)
     return {name: value.detach().clone() for name, value in module.state_dict().items()}

@@ -42,7 +42,12 @@ class _Bucket:
     """A flat group of parameters, padded to a multiple of N, sharded by contiguous slices."""
 
     def __init__(
-        self, index: int, params: list[tuple[str, nn.Parameter]], world_size: int, rank: int
+        self,
+        index: int,
+        params: list[tuple[str, nn.Parameter]],
+        world_size: int,
+        rank: int,
+        masters: list[torch.Tensor] | None = None,
     ) -> None:
         self.index = index
         self.params = params
@@ -53,9 +58,17 @@ class _Bucket:
         for (_, p), view in zip(params, self.layout.views(self.flat), strict=True):
             p.data = view  # the module now computes with views into the flat buffer
         self.lo, self.hi = self.layout.shard_range(rank, world_size)
-        # The optimizer's parameter: this rank's slice of the flat buffer itself (a leaf that
-        # shares its memory), so that stepping it updates the model with no extra copy.
-        self.shard = nn.Parameter(self.flat[self.lo : self.hi])
+        # this rank's slice of the flat buffer, in the compute dtype: what it all-gathers
+        self.local = self.flat[self.lo : self.hi]
+        if masters is None:
+            # The optimizer's parameter: the slice itself (a leaf that shares its memory), so
+            # that stepping it updates the model with no extra copy.
+            self.shard = nn.Parameter(self.local)
+        else:
+            # mixed precision: an fp32 master slice, from the values before the bf16 cast
+            full = FlatLayout.of(masters, align=world_size).flatten(masters)
+            self.shard = nn.Parameter(full[self.lo : self.hi].clone())
+        self.grad_shard: torch.Tensor | None = None  # the reduced gradient slice (compute dtype)
         self.grad_flat: torch.Tensor | None = None  # full gradients, alive until reduced
         self.pending = len(params)
         self.ready: set[int] = set()
@@ -81,6 +94,7 @@ class ZeroShardedOptimizer(WrappedOptimizer):
         stage: int = 1,
         bucket_cap_mb: float | None = None,
         group=None,
+        masters: list[torch.Tensor] | None = None,
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -108,6 +122,12 @@ class ZeroShardedOptimizer(WrappedOptimizer):
                 f"ZeRO here needs one dtype and device for all parameters; got {kinds}"
             )
         self._named = named
+        # masters: fp32 values of the module's parameters from before a bf16 cast, in
+        # module.parameters() order (bf16-mixed); None: the parameters are the masters
+        self._masters = None
+        if masters is not None:
+            by_id = {id(p): m for p, m in zip(module.parameters(), masters, strict=True)}
+            self._masters = {name: by_id[id(p)] for name, p in named}
         cap = bucket_cap_mb if bucket_cap_mb is not None else (25 if stage == 2 else None)
         self.buckets = self._make_buckets(named, cap)
         shards = [b.shard for b in self.buckets]
@@ -147,7 +167,16 @@ class ZeroShardedOptimizer(WrappedOptimizer):
             size += nbytes
         if current:
             groups.append(current)
-        return [_Bucket(i, g, self.world_size, self.rank) for i, g in enumerate(groups)]
+        return [
+            _Bucket(
+                i,
+                g,
+                self.world_size,
+                self.rank,
+                None if self._masters is None else [self._masters[n] for n, _ in g],
+            )
+            for i, g in enumerate(groups)
+        ]
 
     def _emit_shard_map(self) -> None:
         owners: dict[str, list] = {}
@@ -169,11 +198,18 @@ class ZeroShardedOptimizer(WrappedOptimizer):
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         # the flat parameter buffers are the module's parameters (counted there); the shards
         # share them. A rank's gradient shards are gradients; bucket buffers are scratch.
+        mixed = self._masters is not None  # fp32 master slices: optimizer memory (K)
         return {
             "params": [b.flat for b in self.buckets],
-            "grads": [b.shard.grad for b in self.buckets if b.shard.grad is not None],
+            "grads": [b.grad_shard for b in self.buckets if b.grad_shard is not None],
+            "optimizer": [b.shard for b in self.buckets] if mixed else [],
             "scratch": [b.grad_flat for b in self.buckets if b.grad_flat is not None],
         }
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for bucket in self.buckets:
+            bucket.grad_shard = None
 
     # -- stage 2: reduce-scatter during backward ---------------------------------------------
     def _hook(self, param: torch.Tensor) -> None:
@@ -206,10 +242,21 @@ class ZeroShardedOptimizer(WrappedOptimizer):
     def _launch(self, bucket: _Bucket) -> None:
         buffer = bucket.grad_buffer()
         buffer.div_(self.world_size)  # pre-divide: the sum is the mean
-        bucket.shard.grad = torch.empty_like(bucket.shard)
         bucket.work = comm.reduce_scatter(
-            bucket.shard.grad, buffer, group=self.group, async_op=True, tag=f"grads{bucket.index}"
+            self._new_grad_shard(bucket),
+            buffer,
+            group=self.group,
+            async_op=True,
+            tag=f"grads{bucket.index}",
         )
+
+    def _new_grad_shard(self, bucket: _Bucket) -> torch.Tensor:
+        """The tensor a bucket's reduce-scatter fills: the shard's .grad itself in fp32; in
+        bf16-mixed a bf16 tensor, turned into the fp32 master's gradient inside step()."""
+        bucket.grad_shard = torch.empty_like(bucket.local)
+        if bucket.shard.dtype == bucket.local.dtype:
+            bucket.shard.grad = bucket.grad_shard
+        return bucket.grad_shard
 
     def _finalize_backward(self) -> None:
         self._backward_end = time.time()
@@ -241,17 +288,24 @@ class ZeroShardedOptimizer(WrappedOptimizer):
             for bucket in self.buckets:
                 bucket.used = {i for i, (_, p) in enumerate(bucket.params) if p.grad is not None}
             self._reduce_scatter_gradients()
-        elif any(b.shard.grad is None for b in self.buckets):
+        elif any(b.grad_shard is None for b in self.buckets):
             raise RuntimeError("step() before backward(): no gradients to apply")
-        keep = self._unused_slices()
+        for bucket in self.buckets:
+            bucket.shard.grad = bucket.grad_shard.to(bucket.shard.dtype)  # fp32: no copy
+        keep = keep_unused(
+            [(b.layout, b.lo, b.hi, b.shard, b.used) for b in self.buckets], self.group
+        )
         self.optimizer.step()
         for view, saved in keep:  # a parameter no rank used keeps its value, as in one process
             view.copy_(saved)
         self._reduced = False
         for bucket in self.buckets:
             bucket.used = set()
+            if bucket.shard.dtype != bucket.local.dtype:
+                bucket.local.copy_(bucket.shard)  # the master's new values, in bf16
+                bucket.shard.grad = None  # the fp32 gradient lives only inside step()
         for bucket in self.buckets:  # the updated slices, to every rank
-            mine = bucket.shard.detach().clone()  # the input must not alias the output
+            mine = bucket.local.detach().clone()  # the input must not alias the output
             comm.all_gather(bucket.flat, mine, group=self.group, tag=f"params{bucket.index}")
         done = time.time()
         # stage 1 communicates inside step(); stage 2 partly during backward (exposed: the
@@ -269,28 +323,6 @@ class ZeroShardedOptimizer(WrappedOptimizer):
         self._backward_end = None
         return None
 
-    def _unused_slices(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The parts of this rank's shards that belong to parameters no rank used this step.
-
-        A single process skips a parameter whose .grad is None; a flat shard cannot skip
-        elements, so their values are saved before the step and put back after it (their
-        optimizer state stays zero: a zero gradient moves neither momentum nor Adam's moments).
-        """
-        used = torch.tensor(
-            [int(i in b.used) for b in self.buckets for i in range(len(b.params))],
-            dtype=torch.int32,
-        )
-        comm.all_reduce(used, group=self.group, tag="used_mask")
-        keep, k = [], 0
-        for bucket in self.buckets:
-            for index in range(len(bucket.params)):
-                span = bucket.layout.overlap(index, bucket.lo, bucket.hi)
-                if used[k] == 0 and span is not None:
-                    view = bucket.flat[span[0] : span[1]]
-                    keep.append((view, view.clone()))
-                k += 1
-        return keep
-
     def _reduce_scatter_gradients(self) -> None:
         for bucket in self.buckets:
             buffer = bucket.grad_buffer()
@@ -300,9 +332,9 @@ class ZeroShardedOptimizer(WrappedOptimizer):
                 else:
                     view.copy_(p.grad)
             buffer.div_(self.world_size)
-            shard_grad = torch.empty_like(bucket.shard)
-            comm.reduce_scatter(shard_grad, buffer, group=self.group, tag=f"grads{bucket.index}")
-            bucket.shard.grad = shard_grad
+            comm.reduce_scatter(
+                self._new_grad_shard(bucket), buffer, group=self.group, tag=f"grads{bucket.index}"
+            )
             bucket.grad_flat = None  # scratch: freed once reduced
 
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -314,7 +346,9 @@ class ZeroShardedOptimizer(WrappedOptimizer):
                 bucket.used = {i for i, (_, p) in enumerate(bucket.params) if p.grad is not None}
             self._reduce_scatter_gradients()
             self._reduced = True
-        return clip_shard_grad_norm_([b.shard for b in self.buckets], max_norm, self.group)
+        return clip_grads_(
+            [b.grad_shard for b in self.buckets if b.grad_shard is not None], max_norm, self.group
+        )
 
     def consolidate_state_dict(self) -> dict:
         """The full optimizer state, unsharded (collective: call it on every rank)."""
@@ -355,13 +389,42 @@ class ZeroShardedOptimizer(WrappedOptimizer):
 # --- what both sharded optimizers share ------------------------------------------------------
 
 
+def keep_unused(groups, group=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The parts of this rank's shards that belong to parameters no rank used this step.
+
+    groups: [(layout, lo, hi, shard, used)] per flat buffer, `shard` the optimizer's slice
+    [lo, hi) of it and `used` the indices of its tensors that got a gradient on this rank.
+    A single process skips a parameter whose .grad is None; a flat shard cannot skip elements,
+    so their values are saved before the step and put back after it (their optimizer state
+    stays zero: a zero gradient moves neither momentum nor Adam's moments).
+    """
+    used = torch.tensor(
+        [int(i in used) for layout, *_, used in groups for i in range(len(layout.shapes))],
+        dtype=torch.int32,
+    )
+    comm.all_reduce(used, group=group, tag="used_mask")
+    keep, k = [], 0
+    for layout, lo, hi, shard, _ in groups:
+        for index in range(len(layout.shapes)):
+            span = layout.overlap(index, lo, hi)
+            if used[k] == 0 and span is not None:
+                view = shard.detach()[span[0] - lo : span[1] - lo]
+                keep.append((view, view.clone()))
+            k += 1
+    return keep
+
+
 def clip_shard_grad_norm_(shards: list[torch.Tensor], max_norm: float, group=None) -> float:
     """Clip gradients held as shards to a *global* norm (torch.nn.utils.clip_grad_norm_'s
     semantics, 2-norm): each rank sums its shards' squares, one all-reduce adds them up."""
+    return clip_grads_([s.grad for s in shards if s.grad is not None], max_norm, group)
+
+
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, group=None) -> float:
+    """clip_shard_grad_norm_ on the gradient tensors themselves."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
-    grads = [s.grad for s in shards if s.grad is not None]
-    device = shards[0].device
+    device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros(1, dtype=torch.float64, device=device)
     for g in grads:
         squares += g.detach().double().pow(2).sum()

@@ -1,0 +1,179 @@
+"""ZeRO stage 3: single-process equivalence (nested units, a submodule called twice, a weight
+tied between units, frozen parameters, sizes no N divides), 3Ψ of traffic, parameters that
+exist in full only while their unit runs, agreement with torch's FSDP2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from equivalence import OPTIMIZERS, assert_same_parameters, train_on_rank, train_single_process
+from torch import nn
+
+import ddpzero_lab as dzl
+
+STEPS, LOCAL_BATCH = 3, 4
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"N{n}")
+def ncluster(request):
+    with dzl.LiveCluster(request.param, timeout=30.0) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+def test_equals_single_process_training(ncluster, optimizer, prefetch):
+    # a frozen root parameter, a unit no rank ever calls, sizes no N divides
+    want = train_single_process(optimizer, ncluster.world_size, STEPS, LOCAL_BATCH)
+    results = ncluster.run(
+        train_on_rank, "zero3", optimizer, STEPS, LOCAL_BATCH, prefetch=prefetch
+    )
+    for got in results:
+        assert_same_parameters(got, want)
+
+
+class Language(nn.Module):
+    """Nested units, a block called twice, an output layer tied to the embedding, a frozen
+    unit in the middle (its input needs a gradient: its weights are needed in backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(13, 6)
+        self.block = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 6))
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(6, 13, bias=False)
+        self.head.weight = self.embed.weight
+        self.scale = nn.Parameter(torch.ones(6))  # the root's own
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        h = self.block(h)
+        h = self.block(torch.tanh(h))  # the same unit again
+        h = self.frozen(h) * self.scale
+        return self.head(h)
+
+
+UNITS = {"embed", "block", "block.0", "block.2", "frozen", "head"}  # block.0 nests in block
+
+
+def _tokens(step, n, batch=4):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, 13, (n * batch, 5), generator=g)
+    return x, torch.randint(0, 13, (n * batch, 5), generator=g)
+
+
+def _language_run(strategy, steps, precision="fp32"):
+    rank, n = (dzl.rank(), dzl.world_size()) if strategy != "single" else (0, 1)
+    torch.manual_seed(0)
+    model = Language()
+    world = n if strategy != "single" else steps  # steps doubles as N for the reference
+    opt_fn = OPTIMIZERS["adamw"]
+    if strategy == "single":
+        model, opt = dzl.parallelize(model, "local", optimizer=opt_fn, precision=precision)
+        n, world = steps, steps
+        steps = STEPS
+    else:
+        model, opt = dzl.parallelize(
+            model, strategy, optimizer=opt_fn, precision=precision, units=lambda m, _: m in UNITS
+        )
+    losses = []
+    for step in range(steps):
+        x, y = _tokens(step, world)
+        mine = slice(rank * 4, (rank + 1) * 4) if strategy != "single" else slice(None)
+        logits = model(x[mine])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 13), y[mine].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return dzl.full_state_dict(model)
+
+
+def test_nested_reused_tied_and_frozen_units_equal_single_process(ncluster):
+    want = _language_run("single", ncluster.world_size)
+    for got in ncluster.run(_language_run, "zero3", STEPS):
+        assert_same_parameters(got, want, atol=2e-6)
+        assert got["head.weight"].data_ptr() != 0
+        torch.testing.assert_close(got["head.weight"], got["embed.weight"], rtol=0, atol=0)
+
+
+def _traffic_and_residency():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 9), nn.ReLU(), nn.Linear(9, 5))  # 99 + 50 elements
+    model, opt = dzl.parallelize(model, "zero3", optimizer=OPTIMIZERS["sgd"])
+    sizes_at_rest = [p.numel() for p in model.parameters()]
+    seen_in_forward = []
+    model[2].register_forward_pre_hook(
+        lambda m, a: seen_in_forward.append((model[0].weight.numel(), m.weight.numel()))
+    )
+    x = torch.randn(4, 10)
+    nn.functional.mse_loss(model(x), torch.zeros(4, 5)).backward()  # warm-up step
+    opt.step()
+    opt.zero_grad()
+    dzl.reset_traffic()
+    nn.functional.mse_loss(model(x), torch.zeros(4, 5)).backward()
+    opt.step()
+    opt.zero_grad()
+    return sizes_at_rest, seen_in_forward, dzl.traffic(), [p.numel() for p in model.parameters()]
+
+
+def test_traffic_is_three_psi_and_parameters_exist_only_while_needed(ncluster):
+    n = ncluster.world_size
+    padded = [-(-99 // n) * n, -(-50 // n) * n]  # each unit's flat buffer, padded to N
+    for rest, seen, traffic, after in ncluster.run(_traffic_and_residency):
+        assert rest == [0, 0, 0, 0] and after == [0, 0, 0, 0]  # sharded at rest
+        assert seen[-1] == (0, 45)  # in layer 2's forward: layer 0 freed, layer 2 whole
+        gathered = sum(padded) * (n - 1) // n * 4
+        assert traffic["all_gather"]["sent"] == 2 * gathered  # forward and backward
+        assert traffic["reduce_scatter"]["sent"] == gathered
+        assert traffic["all_gather"]["sent"] + traffic["reduce_scatter"]["sent"] == 3 * gathered
+
+
+def _fsdp2_vs_zero3(steps):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, n = dzl.rank(), dzl.world_size()
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    ours, ours_opt = dzl.parallelize(
+        model(), "zero3", optimizer=OPTIMIZERS["adamw"], track_memory=False
+    )
+    theirs = model()
+    mesh = init_device_mesh("cpu", (n,))
+    for layer in (theirs[0], theirs[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(theirs, mesh=mesh)
+    theirs_opt = OPTIMIZERS["adamw"](theirs.parameters())
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(4 * n, 6, generator=g), torch.randn(4 * n, 3, generator=g)
+        mine = slice(4 * rank, 4 * rank + 4)
+        for m, opt in ((ours, ours_opt), (theirs, theirs_opt)):
+            nn.functional.mse_loss(m(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+    full_theirs = {k: v.full_tensor() for k, v in theirs.state_dict().items()}
+    return dzl.full_state_dict(ours), full_theirs
+
+
+def test_agrees_with_fsdp2_fully_shard(ncluster):
+    for ours, theirs in ncluster.run(_fsdp2_vs_zero3, STEPS):
+        assert_same_parameters(ours, theirs, atol=1e-6)
+
+
+def _bad_units():
+    model = nn.Linear(3, 3)
+    with pytest.raises(TypeError, match="units"):
+        dzl.parallelize(model, "zero3", optimizer=OPTIMIZERS["sgd"], units=["0"])
+    with pytest.raises(TypeError, match="zero3"):
+        dzl.parallelize(nn.Linear(3, 3), "zero3", optimizer=OPTIMIZERS["sgd"], bucket_cap_mb=1)
+    return True
+
+
+def test_bad_options_are_refused(ncluster):
+    assert all(ncluster.run(_bad_units))
