@@ -15,6 +15,10 @@ Failure policy, in one place:
     Otherwise the workers, and the state they hold, are kept.
   * A hung collective is ended by the process group's own timeout (`timeout`), which raises
     on the waiting rank; a dead rank is seen at once through its process sentinel.
+  * When a failure involves collectives, the error says where every rank stood when the job
+    was settled, from the ranks' flight records (flight.py): who waited in which op (its
+    sequence number and tag) for how long, who was in user code after which op, who had
+    finished or died. `Job.where()` says the same about a running job.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any
 import cloudpickle
 
 from .. import telemetry
-from . import worker
+from . import flight, worker
 from .errors import (
     ClusterError,
     RankError,
@@ -91,6 +95,10 @@ class _Generation:
         self.eof: set[int] = set()
         self.broken: str | None = None
         self.stopping = False
+
+    def flight_record(self, rank: int) -> flight.RankRecord | None:
+        """The rank's flight record as it stands now (readable while the rank is blocked)."""
+        return flight.read_record(worker.flight_path(os.path.join(self.store_dir, "store"), rank))
 
     def stderr_tail(self, rank: int, max_chars: int = 2000) -> str:
         """The last lines a rank wrote to its native stderr (see worker._redirect_native_stderr)."""
@@ -350,6 +358,9 @@ class Job:
         self._cluster_ref = weakref.ref(cluster)
         self._hub = cluster._hub
         self._grace = cluster.grace
+        self._timeout = cluster.timeout
+        # (time, {rank: record}, outcomes) read just before the job is settled (flight.py)
+        self._flight: tuple | None = None
         self._gen = gen
         self._dashboard = dashboard
         self._log = telemetry.EventLog()
@@ -402,7 +413,8 @@ class Job:
                     if deadline is not None and now >= deadline:
                         raise TimeoutError(
                             f"job {self.id} ({self.name}) is still running after {timeout} s; "
-                            "it goes on: call job.wait() again, or job.cancel() to stop it"
+                            "it goes on: call job.wait() again, or job.cancel() to stop it. "
+                            "Where the ranks are:\n" + self.where()
                         )
                     self._cond.wait(0.1 if deadline is None else min(0.1, deadline - now))
                     self._print_output()
@@ -414,6 +426,47 @@ class Job:
             self._print_output()
             self._notify_wait_end()
         return self._final()
+
+    def where(self) -> str:
+        """Where each rank is now, one line per rank, from its flight record: the collective
+        it waits in (op, sequence number, tag, for how long), or the last one it left and
+        what it did since (user code, finished, died). Readable while ranks are blocked."""
+        now, records, outcomes = self._read_flight()
+        return "\n".join(self._where_lines(now, records, outcomes))
+
+    def _read_flight(self) -> tuple:
+        with self._cond:
+            outcomes = list(self._outcomes)
+        records = {r: self._gen.flight_record(r) for r in range(self.world_size)}
+        return time.time(), records, outcomes
+
+    def _where_lines(self, now: float, records: dict, outcomes: list) -> list[str]:
+        return [
+            flight.describe(r, records[r], self.id, _fate(outcomes[r]), now)
+            for r in range(self.world_size)
+        ]
+
+    def _hang_report(self) -> str:
+        """Where the ranks stood when the job was settled, if collectives were involved."""
+        if self._flight is None:
+            return ""
+        now, records, outcomes = self._flight
+        mine = [rec for rec in records.values() if rec is not None and rec.job == self.id]
+        waiting = any(rec.current is not None for rec in mine)
+        failed = [
+            rec.last for rec in mine if rec.last and rec.last.job == self.id and rec.last.status
+        ]
+        if not waiting and not failed:
+            return ""
+        if any(last.status == flight.TIMED_OUT for last in failed):
+            head = f"job {self.id} ({self.name}) timed out after {self._timeout:g} s"
+        else:
+            head = f"where each rank was when job {self.id} ({self.name}) failed"
+        lines = [f"{head}: " + "; ".join(self._where_lines(now, records, outcomes))]
+        injected = [e["text"] for e in self._log.of_kind("fault") if e.get("text")]
+        if injected:
+            lines.append("faults injected (ddpzero_lab.faults): " + "; ".join(injected))
+        return "\n".join(lines)
 
     def _notify_wait_end(self) -> None:
         # In the caller's thread (the notebook cell's): a dashboard refreshes what the saved
@@ -507,6 +560,8 @@ class Job:
         with cluster._lock if cluster is not None else contextlib.nullcontext():
             if self._settled:
                 return
+            # Before anything is cancelled or ended: where every rank stands now.
+            self._flight = self._read_flight()
             pending = [r for r, o in enumerate(self._outcomes) if o is None]
             if pending and self._gen.number == (cluster._generation if cluster else -1):
                 for rank in pending:
@@ -624,6 +679,7 @@ class Job:
             results=self._load_results(outcomes, strict=False),
             restarted=restarted,
             note=note,
+            report=self._hang_report(),
         )
 
     def _load_results(self, outcomes: list[_Outcome], strict: bool) -> list:
@@ -657,6 +713,15 @@ class Job:
         if self._results is None:
             self._results = self._load_results(self._outcomes, strict=True)
         return self._results
+
+
+def _fate(outcome: _Outcome | None) -> str:
+    """What the parent knows of a rank, in the words flight.describe expects."""
+    if outcome is None or outcome.status == "stuck":
+        return "running"
+    if outcome.status == "died":
+        return f"died ({describe_exitcode(outcome.exitcode)})"
+    return {"ok": "returned", "error": "raised"}.get(outcome.status, outcome.status)
 
 
 def _ranks(ranks) -> str:

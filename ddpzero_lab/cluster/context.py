@@ -8,6 +8,7 @@ rank 0 of 1 on the CPU, so the same training code runs in all three places.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +25,27 @@ class RankContext:
 
 
 _context: RankContext | None = None
+_job_end_hooks: list[Callable[[], None]] = []
 
 
 def set_context(context: RankContext | None) -> None:
     global _context
     _context = context
+
+
+def at_job_end(hook: Callable[[], None]) -> None:
+    """Call hook() in the worker after each job's fn has returned or raised (once added, for
+    every job). For state a job sets up for itself alone, such as ddpzero_lab.faults'."""
+    if hook not in _job_end_hooks:
+        _job_end_hooks.append(hook)
+
+
+def run_job_end_hooks() -> None:
+    for hook in list(_job_end_hooks):
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - a failing clean-up must not stop the task loop
+            pass
 
 
 def in_worker() -> bool:

@@ -79,7 +79,9 @@ class RankError(ClusterError):
     `failures` maps rank -> RankFailure for every rank that did not return normally;
     `ranks` lists the ranks whose failure is a root cause (not a peer's consequence);
     `results` holds the values of the ranks that did return (None for the others);
-    `restarted` says whether the cluster replaced its workers to recover.
+    `restarted` says whether the cluster replaced its workers to recover;
+    `report` says where each rank stood in its collectives when the job was settled (from
+    the ranks' flight records), when collectives were involved; else "".
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class RankError(ClusterError):
         results: list | None = None,
         restarted: bool = False,
         note: str = "",
+        report: str = "",
     ):
         self.failures = dict(sorted(failures.items()))
         self.world_size = world_size
@@ -97,6 +100,7 @@ class RankError(ClusterError):
         self.results = results if results is not None else [None] * world_size
         self.restarted = restarted
         self.note = note
+        self.report = report
         causes = [
             r
             for r, f in self.failures.items()
@@ -111,6 +115,8 @@ class RankError(ClusterError):
             f"{self.job_name} failed on rank{'s' if len(failed) != 1 else ''} "
             f"{', '.join(map(str, failed))} of {self.world_size}"
         ]
+        if self.report:
+            lines.append(self.report)
         ordered = sorted(self.failures.values(), key=lambda f: (f.rank not in self.ranks, f.rank))
         for failure in ordered:
             if failure.kind == "cancelled":

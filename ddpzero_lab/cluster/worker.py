@@ -36,7 +36,7 @@ import cloudpickle
 import torch
 
 from .. import telemetry
-from . import context
+from . import context, flight
 
 # SIGUSR1 carries "cancel the running job" from the worker's own reader thread to its main
 # thread. A real signal (not a simulated one) so that it also breaks a sleep or a blocking read.
@@ -73,6 +73,11 @@ def _set_parent_death_signal() -> None:
 def stderr_path(store_path: str, rank: int) -> str:
     """Where a rank's native stderr goes (next to the generation's rendezvous file)."""
     return os.path.join(os.path.dirname(store_path), f"rank{rank}.stderr")
+
+
+def flight_path(store_path: str, rank: int) -> str:
+    """Where a rank keeps its flight record (see flight.py), next to its stderr file."""
+    return os.path.join(os.path.dirname(store_path), f"rank{rank}.flight")
 
 
 def _redirect_native_stderr(path: str) -> None:
@@ -286,6 +291,7 @@ def main(
             **({"device_id": dev} if backend == "nccl" else {}),
         )
         context.set_context(context.RankContext(rank, world_size, dev, backend))
+        flight.install(flight_path(store_path, rank))
         if sys.platform.startswith("linux"):
             # DataLoader workers inside a rank: fork them, as under torchrun, so that a
             # Dataset defined in a notebook cell (known only by value) reaches them.
@@ -348,6 +354,9 @@ def _run_task(
     status, out = "cancelled", None
     saved_streams = sys.stdout, sys.stderr
     channel.job = job_id
+    recorder = flight.recorder
+    if recorder is not None:
+        recorder.job_started(job_id)
     sys.stdout = _RankStream(channel, "stdout", saved_streams[0])
     sys.stderr = _RankStream(channel, "stderr", saved_streams[1])
     try:
@@ -369,6 +378,10 @@ def _run_task(
     except JobCancelled:
         # The cancel signal landed between fn's return and the reset above: keep the outcome.
         state.current_job = None
+    if recorder is not None:
+        recorder.job_ended(status)
+    # What the job set up for itself alone (injected faults) ends with it.
+    context.run_job_end_hooks()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     sys.stdout, sys.stderr = saved_streams

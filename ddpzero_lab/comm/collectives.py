@@ -8,14 +8,20 @@ form), `send`, `recv`, `barrier`. Each has torch.distributed's signature plus an
   * adds to this rank's counters under its op: calls, payload bytes, bytes sent and received
     (by the model in `cost_model.py`: ring or chain, see there), wall seconds;
   * emits a `collective` telemetry event: op, bytes, sent, recv, start, end, seq, tag, and
-    `fallback` when the backend lacked the op for this dtype and a substitute ran.
+    `fallback` when the backend lacked the op for this dtype and a substitute ran;
+  * numbers the op: `seq` counts this rank's ops on the op's process group, from 1, in call
+    order, point-to-point included (as torch's own per-group sequence number does), so the
+    k-th op of one rank is meant to meet the k-th op of the others;
+  * keeps the flight record (`cluster/flight.py`): which op the rank waits in, since when,
+    and the last one it left, so that the cluster can say who waits where when a job hangs.
 
 An async call (`async_op=True`) returns a handle whose `wait()` completes the measurement:
 the op is counted, and its seconds run from the call to the end of `wait()`. The counters hold
 the *model's* bytes of the op asked for, also when a fallback ran (the event says which), so
 that lesson figures compare with the formulas; `ring.py` measures real bytes of its own rings.
 
-It does not know about buckets, shards or models: callers pass a tag.
+It does not know about buckets, shards or models: callers pass a tag. `set_fault_hook` lets
+`ddpzero_lab.faults` skip or delay an op on purpose; unset (the default) it costs one test.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -30,12 +37,16 @@ import torch
 import torch.distributed as dist
 
 from .. import telemetry
+from ..cluster import flight
 from .cost_model import traffic_model
 
 _FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
 _lock = threading.Lock()
 _counters: dict[str, dict[str, float]] = {}
-_seq = itertools.count()
+# Per process group: (a counter of its ops, its ranks as the flight record names them).
+_sequences: dict[Any, tuple[Any, str]] = {}
+# Set by ddpzero_lab.faults while a fault on ops is armed: hook(op, tag, async_op, issue).
+_fault_hook: Callable | None = None
 # (op, dtype, backend) combinations the backend refused; the fallback runs at once next time.
 _unsupported: set[tuple[str, torch.dtype, str]] = set()
 
@@ -52,6 +63,37 @@ def reset_traffic() -> None:
         _counters.clear()
 
 
+def next_seq(group=None) -> tuple[int, str]:
+    """Number the next op on `group` (None: the default group): (seq from 1, group label).
+
+    The label is "" for the default group and its ranks ("0,2") for any other, so that a
+    flight record says which group's count a number belongs to.
+    """
+    key = dist.group.WORLD if group is None else group
+    entry = _sequences.get(key)
+    if entry is None:
+        label = ""
+        if key is not dist.group.WORLD:
+            label = ",".join(map(str, dist.get_process_group_ranks(key)))
+        entry = _sequences.setdefault(key, (itertools.count(1), label))
+    return next(entry[0]), entry[1]  # next() on a count is atomic under the GIL
+
+
+def set_fault_hook(hook: Callable | None) -> None:
+    """Route every op through hook(op, tag, async_op, issue) (None: straight through).
+
+    issue() runs the op as usual and returns what the wrapper returns; the hook may call it
+    now, later, or never. For ddpzero_lab.faults only.
+    """
+    global _fault_hook
+    _fault_hook = hook
+
+
+def _status_of(exc: BaseException) -> int:
+    text = str(exc).lower()
+    return flight.TIMED_OUT if "timed out" in text or "timeout" in text else flight.FAILED
+
+
 def record(
     op: str,
     nbytes: int,
@@ -60,9 +102,16 @@ def record(
     start: float,
     end: float,
     tag: str | None = None,
+    seq: int | None = None,
     **extra: Any,
 ) -> None:
-    """Count one completed op and emit its `collective` event (also used by ring.py)."""
+    """Count one completed op and emit its `collective` event (also used by ring.py).
+
+    `seq` is the op's number from `next_seq`; an op that comes without one (ring.py's,
+    built from send/recv on the default group) is numbered there when it completes.
+    """
+    if seq is None:
+        seq = next_seq()[0]
     with _lock:
         entry = _counters.setdefault(op, dict.fromkeys(_FIELDS, 0))
         entry["calls"] += 1
@@ -70,7 +119,6 @@ def record(
         entry["sent"] += sent
         entry["recv"] += recv
         entry["seconds"] += end - start
-        seq = next(_seq)
     telemetry.emit(
         "collective",
         op=op,
@@ -93,10 +141,12 @@ class TimedWork:
     communication backward hid.
     """
 
-    def __init__(self, work, on_done) -> None:
+    def __init__(self, work, on_done, flight_entry: tuple | None = None) -> None:
         self._work = work
         self._on_done = on_done
         self._counted = False
+        # (op, seq, tag, group, peer): what the flight record says this rank waits in
+        self._flight_entry = flight_entry
         self.completed_at: float | None = None
         if work is not None:
             try:
@@ -109,10 +159,21 @@ class TimedWork:
 
     def wait(self, timeout=None) -> bool:
         if self._work is not None:
-            if timeout is None:
-                self._work.wait()
-            else:
-                self._work.wait(timeout)
+            rec = flight.recorder if self._flight_entry is not None else None
+            if rec is not None:
+                rec.entered(*self._flight_entry)
+            started = time.time()
+            try:
+                if timeout is None:
+                    self._work.wait()
+                else:
+                    self._work.wait(timeout)
+            except BaseException as exc:
+                if rec is not None:
+                    rec.left(*self._flight_entry, started, _status_of(exc))
+                raise
+            if rec is not None:
+                rec.left(*self._flight_entry, started)
         if not self._counted:
             self._counted = True
             self._on_done(self.completed_at or time.time())
@@ -193,51 +254,74 @@ def _launch(
     native,
     fallbacks,
     src: int = 0,
+    peer: int | None = None,
 ):
     """Run `native` (or the first fallback that works), then count the op.
 
     native() and each fallback() take async_op and return a Work or None. `fallbacks` is a
-    list of (name, fn) tried in order when the backend says the op is unsupported.
+    list of (name, fn) tried in order when the backend says the op is unsupported. `peer` is
+    the other rank of a send or recv (for the flight record).
     """
+    issue = partial(_issue, op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer)
+    if _fault_hook is not None:
+        return _fault_hook(op, tag, async_op, issue)
+    return issue()
+
+
+def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer):
     world_size, rank, backend = _group_info(group)
     sent, recv = traffic_model(op, numel, tensor.element_size(), world_size, rank, src)
     nbytes = numel * tensor.element_size()
+    # Numbered when issued, not when completed: the k-th op of every rank must be the same
+    # op, and that is the order the ranks issue them in.
+    seq, group_label = next_seq(group)
+    entry = (op, seq, tag, group_label, peer)
+    # A blocking op blocks inside native(); an async one only in its handle's wait().
+    rec = flight.recorder if not async_op else None
     start = time.time()
-    key = (op, tensor.dtype, backend)
-    used = None
-    work = None
-    if key not in _unsupported:
-        try:
-            work = native(async_op)
-        except RuntimeError as exc:
-            if not fallbacks or not _unsupported_error(exc):
-                raise
-            _unsupported.add(key)
-    if key in _unsupported:
-        # The substitutes are run synchronously: they are for correctness, not speed.
-        last: BaseException | None = None
-        for name, fallback in fallbacks:
-            try:
-                fallback()
-                used = name
-                break
-            except RuntimeError as exc:
-                last = exc
-        if used is None:
-            raise RuntimeError(f"{op} is not supported by {backend} for {tensor.dtype}") from last
-        work = None
+    if rec is not None:
+        rec.entered(*entry)
+    try:
+        work, used = _run_native(op, tensor, backend, async_op, native, fallbacks)
+        if work is not None and not async_op:
+            work.wait()
+    except BaseException as exc:
+        if rec is not None:
+            rec.left(*entry, start, _status_of(exc))
+        raise
+    if rec is not None:
+        rec.left(*entry, start)
 
     extra = {"fallback": used} if used else {}
 
     def done(end: float) -> None:
-        record(op, nbytes, sent, recv, start, end, tag, **extra)
+        record(op, nbytes, sent, recv, start, end, tag, seq, **extra)
 
     if async_op:
-        return TimedWork(work, done)
-    if work is not None:
-        work.wait()
+        return TimedWork(work, done, entry)
     done(time.time())
     return None
+
+
+def _run_native(op, tensor, backend, async_op, native, fallbacks):
+    """(work or None, the fallback's name or None)."""
+    key = (op, tensor.dtype, backend)
+    if key not in _unsupported:
+        try:
+            return native(async_op), None
+        except RuntimeError as exc:
+            if not fallbacks or not _unsupported_error(exc):
+                raise
+            _unsupported.add(key)
+    # The substitutes are run synchronously: they are for correctness, not speed.
+    last: BaseException | None = None
+    for name, fallback in fallbacks:
+        try:
+            fallback()
+            return None, name
+        except RuntimeError as exc:
+            last = exc
+    raise RuntimeError(f"{op} is not supported by {backend} for {tensor.dtype}") from last
 
 
 def _blocking(fn, *args, **kwargs) -> None:
@@ -365,6 +449,7 @@ def _point_to_point(op: str, peer_name: str, call, tensor, peer, group, tag, asy
         tag,
         lambda a: call(tensor, peer, group=group),
         [],
+        peer=peer,
     )
 
 
