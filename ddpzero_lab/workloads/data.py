@@ -152,16 +152,9 @@ class CharDataset(Dataset):
 def digits(eval_fraction: float = 1 / 6, split_seed: int = 0) -> DataSplit:
     """scikit-learn's 8x8 digits as 1x8x8 float images in [0, 1], split once at random
     (seeded, so every rank and every run gets the same split)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise ImportError(
-            "the digits data set comes with scikit-learn: pip install scikit-learn "
-            "(a dependency of ddpzero_lab), or use dataset='synthetic'"
-        ) from exc
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(bunch.target, dtype=torch.long)
+    pixels, targets = _digits_arrays()
+    images = torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    labels = torch.tensor(targets, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
     n_eval = int(len(labels) * eval_fraction)
     held, kept = order[:n_eval], order[n_eval:]
@@ -172,6 +165,31 @@ def digits(eval_fraction: float = 1 / 6, split_seed: int = 0) -> DataSplit:
         num_classes=10,
         input_shape=(1, 8, 8),
     )
+
+
+def _digits_arrays():
+    """(pixels (1797, 64), labels (1797,)) as numpy arrays, from scikit-learn's copy."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "the digits data set comes with scikit-learn: pip install scikit-learn "
+            "(a dependency of ddpzero_lab), or use dataset='synthetic'"
+        )
+    # Read the CSV that load_digits() reads, without importing scikit-learn (and SciPy with
+    # it): that import costs each rank about a second and a half. If a release moves the
+    # file, fall back to the public function.
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data, bunch.target
 
 
 def synthetic(num_samples: int = 2048, seed: int = 0, num_eval: int = 512) -> DataSplit:

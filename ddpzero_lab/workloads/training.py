@@ -127,6 +127,25 @@ class TrainConfig:
             raise ValueError("resume=True needs checkpoint_dir, the folder to resume from")
 
 
+def local_batch_size(config: TrainConfig, world_size: int) -> int:
+    """The samples one rank puts through one forward pass (a micro-batch) under `config` on
+    `world_size` ranks; ValueError if the global batch does not split evenly."""
+    # "local" is one process on the whole global batch: every rank does exactly that
+    replicas = 1 if config.strategy == "local" else world_size
+    if config.batch_size % (replicas * config.grad_accum):
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be a multiple of world_size * grad_accum "
+            f"({replicas} * {config.grad_accum}): each rank's micro-batches are equal"
+        )
+    if config.grad_accum > 1 and config.strategy in _SHARDS_GRADIENTS_IN_BACKWARD:
+        raise ValueError(
+            f"strategy {config.strategy!r} reduce-scatters gradients during backward and keeps "
+            "only its shard, so it cannot accumulate over micro-batches yet; use grad_accum=1 "
+            "with a smaller batch_size, or zero1 / ddp"
+        )
+    return config.batch_size // (replicas * config.grad_accum)
+
+
 def build_model(config: TrainConfig, split: data_module.DataSplit) -> nn.Module:
     """The model `config.model` sized for `split` (call after seeding: it draws the init)."""
     if config.model == "mlp":
@@ -284,20 +303,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "set world_size to match the cluster (or None)"
         )
     save_checkpoint, load_checkpoint = _checkpoint_functions(config)
-    # "local" is one process on the whole global batch: every rank does exactly that
     replicas, replica = (1, 0) if config.strategy == "local" else (world_size, rank)
-    if config.batch_size % (replicas * config.grad_accum):
-        raise ValueError(
-            f"batch_size ({config.batch_size}) must be a multiple of world_size * grad_accum "
-            f"({replicas} * {config.grad_accum}): each rank's micro-batches are equal"
-        )
-    local_batch = config.batch_size // (replicas * config.grad_accum)
-    if config.grad_accum > 1 and config.strategy in _SHARDS_GRADIENTS_IN_BACKWARD:
-        raise ValueError(
-            f"strategy {config.strategy!r} reduce-scatters gradients during backward and keeps "
-            "only its shard, so it cannot accumulate over micro-batches yet; use grad_accum=1 "
-            "with a smaller batch_size, or zero1 / ddp"
-        )
+    local_batch = local_batch_size(config, world_size)
 
     split = _load_data(config, rank)
     sampler = ShardedSampler(
