@@ -46,16 +46,21 @@ OPTIMIZERS = {
 }
 
 
-def train_single_process(optimizer: str, world_size: int, steps: int, local_batch: int):
+def train_single_process(
+    optimizer: str, world_size: int, steps: int, local_batch: int, precision: str = "fp32"
+):
+    """The reference: one process, the whole global batch, the same precision scheme."""
     model = make_model()
-    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad])
+    model, opt = dzl.parallelize(
+        model, "local", optimizer=OPTIMIZERS[optimizer], precision=precision, track_memory=False
+    )
     for step in range(steps):
         x, y = global_batch(step, world_size, local_batch)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return dzl.full_state_dict(model)
 
 
 def train_on_rank(strategy: str, optimizer: str, steps: int, local_batch: int, **options):

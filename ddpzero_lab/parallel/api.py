@@ -66,6 +66,13 @@ def parallelize(
     if precision != "fp32" and strategy == "param_server":
         raise ValueError("the parameter server trains in fp32 only (precision='fp32')")
     mixed = precision != "fp32" and strategy != "zero3"  # zero3 casts its own shards
+    if mixed and strategy != "local":
+        # the fp32 masters are taken before the cast: take them from rank 0's values, as the
+        # strategy would have broadcast them
+        from .ddp import broadcast_state, check_same_model
+
+        check_same_model(module, options.get("group"))
+        broadcast_state([*module.parameters(), *module.buffers()], options.get("group"))
     masters = to_compute_dtype(module, dtype) if mixed else None
     if mixed:
         cast_at_edges(module, dtype)
@@ -105,7 +112,7 @@ def parallelize(
                 f"strategy 'zero3' takes units=, prefetch= and group=, got {sorted(options)}"
             )
         engine = Zero3(module, precision=precision, **options)
-        module._ddpzero_zero3 = engine  # full_state_dict and checkpoints find it here
+        module._ddpzero_zero3 = engine  # checkpoints and lessons find the engine here
         model, opt = module, Zero3Optimizer(engine, optimizer)
     else:
         from .param_server import ParameterServerOptimizer
@@ -113,6 +120,17 @@ def parallelize(
         if set(options) - {"group"}:
             raise TypeError(f"strategy 'param_server' takes only group=, got {sorted(options)}")
         model, opt = module, ParameterServerOptimizer(module, optimizer, **options)
+    # the authoritative fp32 values live in the shards or master weights (frozen parameters:
+    # their fp32 values from before the cast)
+    if strategy == "zero3":
+        module._ddpzero_full_values = opt.full_values
+    elif masters is not None:
+        frozen = {
+            id(p): m
+            for p, m in zip(module.parameters(), masters, strict=True)
+            if not p.requires_grad
+        }
+        module._ddpzero_full_values = lambda: {**frozen, **opt.full_values()}
     if track_memory is None:
         track_memory = in_worker()
     if track_memory:
@@ -122,15 +140,20 @@ def parallelize(
 
 def full_state_dict(model: nn.Module) -> dict:
     """Full, unsharded tensors, keyed exactly as the original module's state_dict(), on every
-    rank (call it on every rank: strategies that shard parameters at rest gather them). For
-    DDP and ZeRO stages 1-2 every rank already holds the full parameters."""
+    rank (call it on every rank: strategies that shard parameters at rest gather them). With
+    precision="bf16-mixed" the parameters are the fp32 master weights. For DDP and ZeRO
+    stages 1-2 in fp32 every rank already holds the full parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     gather = getattr(model, "full_state_dict", None)
     if callable(gather):
         return gather()
-    engine = getattr(model, "_ddpzero_zero3", None)
-    if engine is not None:
-        return engine.full_state_dict()
     module = getattr(model, "module", model)
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+    full_values = getattr(module, "_ddpzero_full_values", None)
+    values = full_values() if full_values is not None else {}
+    by_name = dict(module.named_parameters(remove_duplicate=False))
+    out = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        param = by_name.get(key)
+        out[key] = values[id(param)] if id(param) in values else value.detach().clone()
+    return out

@@ -73,6 +73,10 @@ class MasterWeightsOptimizer(WrappedOptimizer):
     def _shards(self) -> list[torch.Tensor]:
         return self.masters
 
+    def full_values(self) -> dict[int, torch.Tensor]:
+        """{id(parameter): its fp32 master value}."""
+        return {id(p): m.detach().clone() for p, m in zip(self.params, self.masters, strict=True)}
+
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"optimizer": self.masters}  # fp32 master weights: part of K, as in the paper
 

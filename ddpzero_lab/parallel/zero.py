@@ -211,6 +211,11 @@ class ZeroShardedOptimizer(WrappedOptimizer):
         for bucket in self.buckets:
             bucket.grad_shard = None
 
+    def full_values(self) -> dict[int, torch.Tensor]:
+        """{id(parameter): full value} of the optimizer's copy (the fp32 masters in
+        bf16-mixed), gathered from every rank's slice (collective)."""
+        return gather_flats([(b.layout, b.shard, b.params) for b in self.buckets], self.group)
+
     # -- stage 2: reduce-scatter during backward ---------------------------------------------
     def _hook(self, param: torch.Tensor) -> None:
         bucket, slot = self._where[id(param)]
@@ -387,6 +392,19 @@ class ZeroShardedOptimizer(WrappedOptimizer):
 
 
 # --- what both sharded optimizers share ------------------------------------------------------
+
+
+def gather_flats(flats, group=None) -> dict[int, torch.Tensor]:
+    """{id(parameter): full value} from sharded flat buffers: flats is [(layout, shard,
+    [(name, parameter)])], each shard this rank's slice; one all-gather per buffer."""
+    world_size = dist.get_world_size(group)
+    values = {}
+    for layout, shard, params in flats:
+        full = torch.empty(shard.numel() * world_size, dtype=shard.dtype, device=shard.device)
+        comm.all_gather(full, shard.detach().contiguous(), group=group, tag="full_values")
+        for (_, p), view in zip(params, layout.views(full), strict=True):
+            values[id(p)] = view.clone()
+    return values
 
 
 def keep_unused(groups, group=None) -> list[tuple[torch.Tensor, torch.Tensor]]:

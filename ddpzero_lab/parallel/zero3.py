@@ -39,7 +39,7 @@ from .ddp import broadcast_state, check_same_model
 from .flat import FlatLayout, emit_shard_map
 from .precision import cast_at_edges, check_precision
 from .wrapper import WrappedOptimizer
-from .zero import clip_grads_, consolidate, keep_unused, load_consolidated
+from .zero import clip_grads_, consolidate, gather_flats, keep_unused, load_consolidated
 
 UnitPolicy = Callable[[str, nn.Module], bool]
 
@@ -357,21 +357,11 @@ class Zero3:
     def flats(self, trainable: bool = True) -> list[_Flat]:
         return [f for u in self.units for f in u.flats if f.trainable or not trainable]
 
-    def full_state_dict(self) -> dict:
-        """Full fp32 parameters (gathered: collective) and buffers, keyed as state_dict()."""
-        values: dict[int, torch.Tensor] = {}
-        for unit in self.units:
-            for flat in unit.flats:
-                full = torch.empty(flat.layout.padded_numel, dtype=flat.master.dtype)
-                comm.all_gather(full, flat.master.detach(), group=self.group, tag="state_dict")
-                for (_, p), view in zip(flat.params, flat.layout.views(full), strict=True):
-                    values[id(p)] = view.clone()
-        out = {}
-        by_name = dict(self.module.named_parameters(remove_duplicate=False))
-        for key, value in self.module.state_dict(keep_vars=True).items():
-            param = by_name.get(key)
-            out[key] = values[id(param)] if param is not None else value.detach().clone()
-        return out
+    def full_values(self) -> dict[int, torch.Tensor]:
+        """{id(parameter): its full fp32 value}, gathered from the shards (collective)."""
+        return gather_flats(
+            [(f.layout, f.master, f.params) for u in self.units for f in u.flats], self.group
+        )
 
 
 def _tensors(value):
@@ -400,6 +390,9 @@ class Zero3Optimizer(WrappedOptimizer):
 
     def _shards(self) -> list[torch.Tensor]:
         return [f.master for f in self._flats]
+
+    def full_values(self) -> dict[int, torch.Tensor]:
+        return self.engine.full_values()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
