@@ -3,6 +3,7 @@
 This module only re-exports the public API (DESIGN.md §3).
 """
 
+from . import faults
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
 from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
@@ -24,6 +25,7 @@ __all__ = [
     "ZeroOptimizer",
     "device",
     "emit",
+    "faults",
     "full_state_dict",
     "model_state_bytes",
     "parallelize",

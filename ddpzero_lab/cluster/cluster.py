@@ -447,25 +447,25 @@ class Job:
         ]
 
     def _hang_report(self) -> str:
-        """Where the ranks stood when the job was settled, if collectives were involved."""
-        if self._flight is None:
-            return ""
-        now, records, outcomes = self._flight
-        mine = [rec for rec in records.values() if rec is not None and rec.job == self.id]
-        waiting = any(rec.current is not None for rec in mine)
-        failed = [
-            rec.last for rec in mine if rec.last and rec.last.job == self.id and rec.last.status
-        ]
-        if not waiting and not failed:
-            return ""
-        if any(last.status == flight.TIMED_OUT for last in failed):
-            head = f"job {self.id} ({self.name}) timed out after {self._timeout:g} s"
-        else:
-            head = f"where each rank was when job {self.id} ({self.name}) failed"
-        lines = [f"{head}: " + "; ".join(self._where_lines(now, records, outcomes))]
+        """Where the ranks stood when the job was settled, if collectives were involved, and
+        the faults injected on purpose (ddpzero_lab.faults)."""
+        lines = []
+        if self._flight is not None:
+            now, records, outcomes = self._flight
+            mine = [rec for rec in records.values() if rec is not None and rec.job == self.id]
+            waiting = any(rec.current is not None for rec in mine)
+            failed = [
+                rec.last for rec in mine if rec.last and rec.last.job == self.id and rec.last.status
+            ]
+            if any(last.status == flight.TIMED_OUT for last in failed):
+                head = f"job {self.id} ({self.name}) timed out after {self._timeout:g} s"
+            else:
+                head = f"where each rank was when job {self.id} ({self.name}) failed"
+            if waiting or failed:
+                lines.append(f"{head}: " + "; ".join(self._where_lines(now, records, outcomes)))
         injected = [e["text"] for e in self._log.of_kind("fault") if e.get("text")]
         if injected:
-            lines.append("faults injected (ddpzero_lab.faults): " + "; ".join(injected))
+            lines.append("faults injected on purpose (ddpzero_lab.faults): " + "; ".join(injected))
         return "\n".join(lines)
 
     def _notify_wait_end(self) -> None:
