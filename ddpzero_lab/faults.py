@@ -197,7 +197,8 @@ class _OpFault(Fault):
         """'its 3rd all_reduce (tag bucket0)', 'its 2nd op, a broadcast (tag bucket_order)'"""
         tagged = f" (tag {tag})" if tag else ""
         if self.op is None:
-            return f"its {_ordinal(self.nth)} op, a {op}{tagged},"
+            article = "an" if op[0] in "aeiou" else "a"
+            return f"its {_ordinal(self.nth)} op, {article} {op}{tagged},"
         return f"its {_ordinal(self.nth)} {op}{tagged}"
 
     def fire(self, op, tag, async_op, issue):

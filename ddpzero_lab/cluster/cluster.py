@@ -60,6 +60,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 # build: about 0.3 GB). Used only to refuse a world size the machine cannot hold.
 _WORKER_BYTES_ESTIMATE = 350 * 1024**2
 _CANCEL_GRACE_S = 1.5
+_WHERE_WAIT_S = 0.5  # how long a report waits for the ranks to say where they are
 
 
 @dataclass
@@ -94,6 +95,9 @@ class _Generation:
         self.dead: dict[int, int | None] = {}
         self.eof: set[int] = set()
         self.broken: str | None = None
+        # Answers to "where" requests: token -> {rank: the main thread's innermost frames}
+        self.frames: dict[int, dict[int, list]] = {}
+        self.tokens = itertools.count(1)
         self.stopping = False
 
     def flight_record(self, rank: int) -> flight.RankRecord | None:
@@ -307,6 +311,12 @@ def _read_one(hub: _Hub, gen: _Generation, rank: int) -> None:
         job = hub.jobs.get(job_id)
         if job is not None and job._gen is gen:
             job._on_outcome(rank, _Outcome(status, payload, seq))
+    elif kind == "where":
+        _, token, rank, frames = message
+        with gen.cond:
+            if token in gen.frames:
+                gen.frames[token][rank] = frames
+                gen.cond.notify_all()
     elif kind in ("ready", "startup_error"):
         with gen.cond:
             if kind == "ready":
@@ -359,7 +369,7 @@ class Job:
         self._hub = cluster._hub
         self._grace = cluster.grace
         self._timeout = cluster.timeout
-        # (time, {rank: record}, outcomes) read just before the job is settled (flight.py)
+        # Job._read_flight() just before the job is settled: where every rank stood
         self._flight: tuple | None = None
         self._gen = gen
         self._dashboard = dashboard
@@ -431,18 +441,50 @@ class Job:
         """Where each rank is now, one line per rank, from its flight record: the collective
         it waits in (op, sequence number, tag, for how long), or the last one it left and
         what it did since (user code, finished, died). Readable while ranks are blocked."""
-        now, records, outcomes = self._read_flight()
-        return "\n".join(self._where_lines(now, records, outcomes))
+        return "\n".join(self._where_lines(*self._read_flight()))
 
     def _read_flight(self) -> tuple:
+        """(time, {rank: flight record}, outcomes, {rank: main thread's frames}).
+
+        The frames come from ranks that run but are not in a numbered op: they may be in user
+        code, or blocked in a raw torch.distributed call that comm/ never saw.
+        """
+        gen = self._gen
         with self._cond:
             outcomes = list(self._outcomes)
-        records = {r: self._gen.flight_record(r) for r in range(self.world_size)}
-        return time.time(), records, outcomes
+        records = {r: gen.flight_record(r) for r in range(self.world_size)}
+        ask = [
+            r
+            for r in range(self.world_size)
+            if outcomes[r] is None
+            and r not in gen.dead
+            and not (records[r] is not None and records[r].current is not None)
+        ]
+        frames: dict[int, list] = {}
+        if ask:
+            with gen.cond:
+                token = next(gen.tokens)
+                gen.frames[token] = frames
+            for rank in ask:
+                gen.send(rank, ("where", token))
+            # A rank whose main thread holds the GIL in C++ cannot answer: do not wait long.
+            deadline = time.monotonic() + _WHERE_WAIT_S
+            with gen.cond:
+                while len(frames) < len(ask) and time.monotonic() < deadline:
+                    gen.cond.wait(max(0.0, min(0.05, deadline - time.monotonic())))
+                gen.frames.pop(token, None)
+        return time.time(), records, outcomes, dict(frames)
 
-    def _where_lines(self, now: float, records: dict, outcomes: list) -> list[str]:
+    def _where_lines(self, now: float, records: dict, outcomes: list, frames: dict) -> list[str]:
         return [
-            flight.describe(r, records[r], self.id, _fate(outcomes[r]), now)
+            flight.describe(
+                r,
+                records[r],
+                self.id,
+                _fate(outcomes[r]),
+                now,
+                flight.place(frames.get(r), self._files),
+            )
             for r in range(self.world_size)
         ]
 
@@ -451,7 +493,7 @@ class Job:
         the faults injected on purpose (ddpzero_lab.faults)."""
         lines = []
         if self._flight is not None:
-            now, records, outcomes = self._flight
+            now, records, outcomes, frames = self._flight
             mine = [rec for rec in records.values() if rec is not None and rec.job == self.id]
             waiting = any(rec.current is not None for rec in mine)
             failed = [
@@ -461,8 +503,12 @@ class Job:
                 head = f"job {self.id} ({self.name}) timed out after {self._timeout:g} s"
             else:
                 head = f"where each rank was when job {self.id} ({self.name}) failed"
-            if waiting or failed:
-                lines.append(f"{head}: " + "; ".join(self._where_lines(now, records, outcomes)))
+            raw = any(
+                (p := flight.place(f)) is not None and p.raw_collective for f in frames.values()
+            )
+            if waiting or failed or raw:
+                where = self._where_lines(now, records, outcomes, frames)
+                lines.append(f"{head}: " + "; ".join(where))
         injected = [e["text"] for e in self._log.of_kind("fault") if e.get("text")]
         if injected:
             lines.append("faults injected on purpose (ddpzero_lab.faults): " + "; ".join(injected))
@@ -799,6 +845,30 @@ def _context(start_method: str):
     return mp.get_context(start_method)
 
 
+def _warn_if_not_loopback(backend: str) -> None:
+    """Warn when the ranks' sockets would listen on an interface other than loopback.
+
+    The ranks rendezvous through a file only this user can read, and gloo (and NCCL's
+    bootstrap) listen on the loopback interface (worker.py sets GLOO_SOCKET_IFNAME), so no
+    other machine can reach them. DDPZERO_SOCKET_IFNAME, or NCCL_SOCKET_IFNAME for nccl, moves
+    them to another interface: torch.distributed's sockets have no authentication, and anyone
+    who can reach that interface can connect to the ranks and feed them data.
+    """
+    loopback = worker.loopback_interface()
+    names = ["DDPZERO_SOCKET_IFNAME"] + (["NCCL_SOCKET_IFNAME"] if backend == "nccl" else [])
+    for name in names:
+        value = os.environ.get(name)
+        if value and value != loopback:
+            warnings.warn(
+                f"{name}={value}: the ranks' sockets will listen on {value!r}, not on the "
+                f"loopback interface ({loopback!r}); torch.distributed's sockets have no "
+                "authentication, so anyone who can reach that interface can connect to the "
+                f"ranks. Unset {name} unless the network is private.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
 def _check_number(name: str, value: Any, minimum: float, integer: bool = False) -> None:
     kind = int if integer else Real
     if isinstance(value, bool) or not isinstance(value, kind):
@@ -866,6 +936,7 @@ class LiveCluster:
         self.start_method = start_method
         self.start_timeout = float(start_timeout)
         self._check_memory(world_size)
+        _warn_if_not_loopback(self.backend)
         self._ctx = _context(start_method)
         self._hub = _Hub()
         self._generation = 0

@@ -9,8 +9,10 @@ leaving it. The parent reads the file whenever it likes; the page cache makes th
 writes visible at once, and the record outlives the rank.
 
 This module owns the record's layout, the rank's writer (`install`, `recorder`) and the
-parent's reader and wording (`read_record`, `describe`). It does not number the ops: comm/
-does (a sequence number per process group, in call order) and tells the writer.
+parent's reader and wording (`read_record`, `place`, `describe`). It does not number the ops:
+comm/ does (a sequence number per process group, in call order) and tells the writer. A rank
+that is not in a numbered op is asked for its main thread's frames instead (worker.py), which
+tells user code from a raw torch.distributed call that comm/ never saw.
 
 Writes are cheap (a few `struct.pack_into` into shared memory, no system call), so the record
 is kept for every op. A seqlock (a write counter, odd while a write is under way) lets the
@@ -19,9 +21,11 @@ reader notice a torn read and try again.
 
 from __future__ import annotations
 
+import linecache
 import mmap
 import os
 import struct
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass
@@ -249,24 +253,94 @@ def install(path: str) -> FlightRecorder | None:
 # --- the parent's wording -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a rank's main thread is, from its innermost frames."""
+
+    user: str  # the innermost frame of user code: "train.py:12 in train: `loss.backward()`"
+    library: str  # the library function it is in, if any: "torch.distributed.all_reduce"
+    raw_collective: bool  # inside torch.distributed's own collectives (not comm/'s)
+
+
+_LIBRARY_ROOTS = ("torch", "ddpzero_lab")
+
+
+def _library_module(path: str) -> str | None:
+    """'torch.distributed.distributed_c10d' for a file of a library, None for user code."""
+    parts = path.replace("\\", "/").split("/")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in _LIBRARY_ROOTS and i < len(parts) - 1:
+            return ".".join([*parts[i:-1], parts[-1].removesuffix(".py")])
+    stdlib = sysconfig.get_paths().get("stdlib")
+    if stdlib and path.startswith(stdlib):
+        return parts[-1].removesuffix(".py")
+    return None
+
+
+def place(frames: list | None, files: dict[str, str] | None = None) -> Place | None:
+    """Read [(file, line, function, source)] (innermost last, as worker.main_thread_frames
+    gives them) into a Place. `files` maps function names to the files fn's code came from
+    (errors.code_files): code sent by value has its file name blanked."""
+    if not frames:
+        return None
+    files = files or {}
+    user, library, raw = "", "", False
+    for filename, lineno, name, source in reversed(frames):
+        if filename == "<dynamic-code>" and name in files:
+            filename = files[name]
+            source = linecache.getline(filename, lineno).strip()
+        module = _library_module(filename)
+        if module is None:
+            shown = f"{os.path.basename(filename)}:{lineno} in {name}"
+            user = f"{shown}: `{source}`" if source else shown
+            break
+        if module == "torch.distributed.distributed_c10d":
+            library, raw = f"torch.distributed.{name}", True
+        elif not library:
+            library = f"{module}.{name}"
+    return Place(user, library, raw)
+
+
 def _ago(seconds: float) -> str:
     return f"{max(0.0, seconds):.1f} s"
 
 
-def _last_op(record: RankRecord, job: int) -> str:
+def _last_op(record: RankRecord, job: int, one: str = "one") -> str:
     last = record.last
     if last is None:
         return "it has not called a collective yet"
     earlier = "" if last.job == job else " (in an earlier job)"
-    return f"its last one{earlier} was {last.label()}"
+    return f"its last {one}{earlier} was {last.label()}"
 
 
-def describe(rank: int, record: RankRecord | None, job: int, fate: str, now: float) -> str:
+def _at(where: Place | None) -> str:
+    if where is None or not (where.user or where.library):
+        return ""
+    if where.user and where.library:
+        return f"; now in {where.library}, called at {where.user}"
+    return f"; now at {where.user or where.library}"
+
+
+def describe(
+    rank: int,
+    record: RankRecord | None,
+    job: int,
+    fate: str,
+    now: float,
+    where: Place | None = None,
+) -> str:
     """One rank's place, in words, for a RankError or `Job.where()`.
 
     fate: what the parent knows of the rank: "running", "returned", "raised", "cancelled", or
-    "died (...)". `now` is the time of the reading.
+    "died (...)". `now` is the time of the reading; `where` the main thread's place, for a
+    rank that runs outside any numbered op.
     """
+    if fate == "running" and where is not None and where.raw_collective:
+        last = _last_op(record, job, "numbered one") if record is not None else "no record"
+        return (
+            f"rank {rank} is in {where.library}, called at {where.user or '?'} (a raw "
+            f"torch.distributed call, which ddpzero_lab.comm does not number); {last}"
+        )
     if record is None:
         tail = "" if fate == "running" else f"; it {fate}"
         return f"rank {rank}: no flight record (it has not started){tail}"
@@ -287,16 +361,16 @@ def describe(rank: int, record: RankRecord | None, job: int, fate: str, now: flo
         else:
             text = f"rank {rank} failed in {last.label()} after {waited} (a peer failed or left)"
         return text if fate in ("raised", "running") else f"{text}; it {fate}"
-    where = _last_op(record, job)
+    last_op = _last_op(record, job)
     if fate == "running":
         return (
-            f"rank {rank} is not in a collective: {where}, then it ran user code "
-            f"(last seen {_ago(now - record.updated)} ago)"
+            f"rank {rank} is not in a collective: {last_op}, then it ran user code "
+            f"(last seen {_ago(now - record.updated)} ago){_at(where)}"
         )
     if fate == "returned":
-        return f"rank {rank} finished the job (fn returned): {where}"
+        return f"rank {rank} finished the job (fn returned): {last_op}"
     if fate == "raised":
-        return f"rank {rank} raised in user code (see below): {where}"
+        return f"rank {rank} raised in user code (see below): {last_op}"
     if fate.startswith("died"):
-        return f"rank {rank} {fate} in user code: {where}"
-    return f"rank {rank} was {fate}: {where}"
+        return f"rank {rank} {fate} in user code: {last_op}"
+    return f"rank {rank} was {fate}: {last_op}"

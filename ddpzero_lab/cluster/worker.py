@@ -8,12 +8,14 @@ everywhere).
 Messages on the worker's pipe, parent -> worker:
     ("task", job_id, payload)   payload: cloudpickle of (fn, args, kwargs)
     ("cancel", job_id)          stop that job if it is running or queued
+    ("where", token)            say where the main thread is (its innermost frames)
     ("shutdown",)
 worker -> parent:
     ("ready", rank, info) | ("startup_error", rank, traceback_text)
     ("event", job_id, event)
     ("output", job_id, stream, text)             what fn printed, whole lines
     ("result", job_id, rank, status, payload, seq)   status: "ok" | "error" | "cancelled"
+    ("where", token, rank, frames)    frames: [(file, line, function, source)], innermost last
 """
 
 from __future__ import annotations
@@ -180,6 +182,22 @@ def _sequence_number() -> int | None:
         return None
 
 
+def main_thread_frames(limit: int = 12) -> list[tuple[str, int, str, str]]:
+    """The main thread's innermost frames, read from another thread (the reader answers a
+    "where" with them): [(file, line, function, source)], innermost last.
+
+    The main thread may be blocked in C++ (a raw torch.distributed call, a sleep): with the
+    GIL released there, this thread still runs and sees the Python frames that called it.
+    """
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return []
+    return [
+        (fs.filename, fs.lineno or 0, fs.name, (fs.line or "").strip())
+        for fs in traceback.extract_stack(frame, limit=limit)
+    ]
+
+
 def _describe_exception(exc: BaseException) -> dict[str, Any]:
     # Skip the first frame (this module's task loop): the learner's traceback starts in fn.
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
@@ -266,6 +284,11 @@ def main(
                     running = state.current_job == job_id
                 if running and _CANCEL_SIGNAL is not None:
                     signal.pthread_kill(main_thread, _CANCEL_SIGNAL)
+            elif message[0] == "where":
+                try:
+                    channel.send(("where", message[1], rank, main_thread_frames()))
+                except (OSError, ValueError):
+                    pass
             elif message[0] == "shutdown":
                 tasks.put(None)
                 return
