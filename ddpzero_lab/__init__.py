@@ -4,6 +4,7 @@ This module only re-exports the public API (DESIGN.md §3).
 """
 
 from . import faults
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
 from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
@@ -14,6 +15,9 @@ from .viz import Dashboard, MemoryCalculator
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
     "ClusterError",
     "DDP",
     "Dashboard",

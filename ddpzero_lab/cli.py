@@ -449,7 +449,32 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check torch, backends and a small live cluster")
     doctor.add_argument("--world-size", type=int, default=2)
     doctor.set_defaults(run=_doctor)
+
+    checkpoint = sub.add_parser("checkpoint", help="work with sharded checkpoints")
+    actions = checkpoint.add_subparsers(dest="action", required=True)
+    consolidate = actions.add_parser(
+        "consolidate",
+        help="write a checkpoint's parameters and buffers as one plain state_dict file",
+        description="Assemble a sharded checkpoint (any world size, any strategy) into a plain "
+        "state_dict saved with torch.save, loadable with model.load_state_dict(torch.load(OUT, "
+        "weights_only=True)).",
+    )
+    consolidate.add_argument("directory", help="a checkpoint directory, or its parent (latest)")
+    consolidate.add_argument("out", help="the .pt file to write")
+    consolidate.set_defaults(run=_consolidate)
     return parser
+
+
+def _consolidate(args) -> int:
+    from .checkpoint import CheckpointError, consolidate_checkpoint
+
+    try:
+        out = consolidate_checkpoint(args.directory, args.out)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,7 @@ def ncluster(request):
 def test_equals_single_process_training(ncluster, optimizer, prefetch):
     # a frozen root parameter, a unit no rank ever calls, sizes no N divides
     want = train_single_process(optimizer, ncluster.world_size, STEPS, LOCAL_BATCH)
-    results = ncluster.run(
-        train_on_rank, "zero3", optimizer, STEPS, LOCAL_BATCH, prefetch=prefetch
-    )
+    results = ncluster.run(train_on_rank, "zero3", optimizer, STEPS, LOCAL_BATCH, prefetch=prefetch)
     for got in results:
         assert_same_parameters(got, want)
 

@@ -131,6 +131,7 @@ def parallelize(
             if not p.requires_grad
         }
         module._ddpzero_full_values = lambda: {**frozen, **opt.full_values()}
+        module._ddpzero_frozen_masters = frozen  # checkpoints save these fp32 values
     if track_memory is None:
         track_memory = in_worker()
     if track_memory:
