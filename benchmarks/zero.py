@@ -8,10 +8,13 @@ Two pairs, each on the same cluster, in the same run:
     reshard_after_forward=False) on a one-dimensional CPU DeviceMesh, applied to each Linear
     and then to the root (the usual way; `--fsdp2-wrap root` for the root alone): parameters
     are gathered once for forward and kept through backward, gradients are reduce-scattered,
-    as in ZeRO-2.
+    as in ZeRO-2;
+  * stage 3: dzl.parallelize(module, "zero3") (its default units: each Linear) against FSDP2
+    with reshard_after_forward=True, wrapped the same way: parameters are gathered for a
+    layer's forward, freed, gathered again for its backward, as in ZeRO-3.
 
 Same model (an MLP of about 4.2 M parameters, 17 MB of float32), same data, AdamW, gloo, world
-sizes 2 and 4. Steps (forward, backward, step, zero_grad) alternate between the four
+sizes 2 and 4. Steps (forward, backward, step, zero_grad) alternate between the six
 implementations, with a barrier before each, so that all see the same machine state; the figure
 is the median of `--steps` steps after a warm-up, on the slowest rank, and the ratio ours /
 theirs (1.00 = as fast). The memory tracker that parallelize attaches inside a cluster is left
@@ -50,12 +53,14 @@ import ddpzero_lab as dzl
 from ddpzero_lab.memory import model_state_bytes
 
 MB = 1_000_000
-PAIRS = (("zero1", "torch_zero"), ("zero2", "fsdp2"))
+PAIRS = (("zero1", "torch_zero"), ("zero2", "fsdp2"), ("zero3", "fsdp2_reshard"))
 LABELS = {
     "zero1": "dzl zero1",
     "torch_zero": "DDP + ZeroRedundancyOptimizer",
     "zero2": "dzl zero2",
     "fsdp2": "FSDP2 fully_shard",
+    "zero3": "dzl zero3",
+    "fsdp2_reshard": "FSDP2 fully_shard (reshard)",
 }
 # torch renamed the tensor-form collectives; use whichever this version has
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -156,7 +161,7 @@ class _UnshardedBytes:
         self.bytes = sum(seen.values())
 
 
-def _fsdp2(per_layer: bool) -> _Impl:
+def _fsdp2(per_layer: bool, reshard: bool = False) -> _Impl:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -164,8 +169,8 @@ def _fsdp2(per_layer: bool) -> _Impl:
     model = _model()
     for layer in model if per_layer else ():
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     optimizer = _adamw(model.parameters())
     params = list(model.parameters())
     impl = _Impl(model, optimizer, lambda: _state_bytes(params, optimizer.state))
@@ -199,6 +204,8 @@ def _bench(steps: int, warmup: int, batch: int, fsdp2_per_layer: bool) -> dict:
         "torch_zero": _torch_zero,
         "zero2": lambda: _ours(2),
         "fsdp2": lambda: _fsdp2(fsdp2_per_layer),
+        "zero3": lambda: _ours(3),
+        "fsdp2_reshard": lambda: _fsdp2(fsdp2_per_layer, reshard=True),
     }
     impls: dict[str, _Impl] = {}
     skipped: dict[str, str] = {}
@@ -347,7 +354,7 @@ def main() -> None:
                 f"{_model_state_mb(memory):>6.1f}{extra}"
             )
         rss = max(r["rss"] for r in per_rank) / MB
-        print(f"{n:>3}  process RSS (all four in one process, largest rank): {rss:.0f} MB")
+        print(f"{n:>3}  process RSS (all six in one process, largest rank): {rss:.0f} MB")
 
     print(f"\n# gloo alone on {params * 4 / MB:.1f} MB, median of {args.repeats}, slowest rank")
     print(

@@ -415,7 +415,7 @@ def _load_group(g: _Group, full: dict, inner) -> None:
         return
     key_tensor = g.state_key  # the optimizer's parameter: its state has its shape
     entry: dict[str, Any] = {
-        k: v[g.lo : g.hi].clone().view_as(key_tensor) for k, v in states.items()
+        k: v[g.lo : g.hi].to(key_tensor.device).view_as(key_tensor) for k, v in states.items()
     }
     for key, value in scalars.items():
         entry[key] = torch.tensor(value, dtype=torch.float32) if key == "step" else value

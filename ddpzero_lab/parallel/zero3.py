@@ -57,6 +57,7 @@ class _Flat:
         self.params = params  # [(name, parameter)]
         self.trainable = trainable
         self.dtype = dtype  # the compute dtype: what is gathered and reduced
+        self.device = params[0][1].device
         self.layout = FlatLayout.of([p for _, p in params], align=world_size)
         self.lo, self.hi = self.layout.shard_range(rank, world_size)
         with torch.no_grad():
@@ -74,7 +75,7 @@ class _Flat:
         self.free()
 
     def begin_gather(self, group, async_op: bool):
-        self.full = torch.empty(self.layout.padded_numel, dtype=self.dtype)
+        self.full = torch.empty(self.layout.padded_numel, dtype=self.dtype, device=self.device)
         return comm.all_gather(
             self.full,
             self.local.detach(),
@@ -89,12 +90,14 @@ class _Flat:
 
     def free(self) -> None:
         for _, p in self.params:
-            p.data = torch.empty(0, dtype=self.dtype)
+            p.data = torch.empty(0, dtype=self.dtype, device=self.device)
         self.full = None
 
     def grad_buffer(self) -> torch.Tensor:
         if self.grad_full is None:
-            self.grad_full = torch.zeros(self.layout.padded_numel, dtype=self.dtype)
+            self.grad_full = torch.zeros(
+                self.layout.padded_numel, dtype=self.dtype, device=self.device
+            )
         return self.grad_full
 
 
@@ -321,7 +324,7 @@ class Zero3:
         for flat in unit.trainable:
             buffer = flat.grad_buffer()
             buffer.div_(self.world_size)  # pre-divide: the sum is the mean
-            shard = torch.empty(flat.hi - flat.lo, dtype=self.dtype)
+            shard = torch.empty(flat.hi - flat.lo, dtype=self.dtype, device=flat.device)
             flat.work = (
                 comm.reduce_scatter(
                     shard, buffer, group=self.group, async_op=True, tag=f"grads:{unit.name}"
