@@ -364,7 +364,9 @@ def _ranks(rank) -> tuple[int, ...]:
         raise TypeError(f"rank must be an int or a list of ints, got {rank!r}") from None
     world = context.world_size()
     for r in ranks:
-        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < world:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"rank must be an int or a list of ints, got {rank!r}")
+        if not 0 <= r < world:
             raise ValueError(f"rank must be a rank in 0..{world - 1}, got {r!r}")
     if not ranks:
         raise ValueError("rank must name at least one rank")

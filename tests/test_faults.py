@@ -1,5 +1,6 @@
 """LiveCluster under faults: exceptions, dead ranks, hung collectives, interrupts, restart,
-teardown. Every path must end in a clear error within the timeout, never a hang."""
+teardown. Every path must end in a clear error within the timeout, never a hang. And the
+ranks' sockets listen on loopback only, unless the learner says otherwise and is warned."""
 
 from __future__ import annotations
 
@@ -430,3 +431,25 @@ def test_interrupt_while_the_cluster_starts_leaves_nothing_behind():
     finally:
         end_session(proc, grace=0)  # the whole session: nothing may outlive the test
     assert report["workers"] == [] and report["leaked"] == [], report
+
+
+def test_ranks_listen_on_loopback_only(cluster):
+    # gloo's sockets are unauthenticated: nothing but this machine may reach them.
+    import psutil
+
+    for pid in cluster.pids:
+        proc = psutil.Process(pid)
+        connections = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+        listening = [c.laddr.ip for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening, "a rank of a 2-rank gloo group listens for its peer"
+        assert all(ip in ("127.0.0.1", "::1") for ip in listening), listening
+
+
+def test_binding_off_loopback_warns(monkeypatch):
+    # An interface that does not exist: the warning comes first, then the start fails.
+    monkeypatch.setenv("DDPZERO_SOCKET_IFNAME", "nonexistent0")
+    with pytest.warns(RuntimeWarning, match="DDPZERO_SOCKET_IFNAME=nonexistent0.*not on the"):
+        try:
+            dzl.LiveCluster(1, timeout=5.0, start_timeout=30).close()
+        except dzl.ClusterError:
+            pass

@@ -837,8 +837,11 @@ def _context(start_method: str):
             _forkserver_ctx = mp.get_context("forkserver")
             # The forkserver imports torch once; each rank then starts by fork from it in about
             # 0.1 s instead of importing torch again (seconds), which makes restart() cheap.
+            # torch._dynamo too: the first torch.optim optimizer a process builds imports it
+            # (Optimizer.__init__ is wrapped to disable dynamo), a second or more per rank,
+            # which every fresh worker would otherwise pay again after each restart.
             _forkserver_ctx.set_forkserver_preload(
-                ["torch", "torch.distributed", "ddpzero_lab.cluster.worker"]
+                ["torch", "torch.distributed", "torch._dynamo", "ddpzero_lab.cluster.worker"]
             )
         _start_forkserver_uninterruptible()
         return _forkserver_ctx
