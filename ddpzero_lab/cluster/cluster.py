@@ -440,7 +440,10 @@ class Job:
     def where(self) -> str:
         """Where each rank is now, one line per rank, from its flight record: the collective
         it waits in (op, sequence number, tag, for how long), or the last one it left and
-        what it did since (user code, finished, died). Readable while ranks are blocked."""
+        what it did since (user code, finished, died). Readable while ranks are blocked.
+        Once a failed job is settled, it says where they stood then."""
+        if self._settled and self._flight is not None:
+            return "\n".join(self._where_lines(*self._flight))
         return "\n".join(self._where_lines(*self._read_flight()))
 
     def _read_flight(self) -> tuple:
