@@ -243,6 +243,7 @@ def _follow(job, config) -> None:
 
 
 def _train_torchrun(args: argparse.Namespace, config) -> int:
+    """One rank of torchrun's process group. Ends the process itself (see the end)."""
     import datetime
     import os
     import time
@@ -254,6 +255,9 @@ def _train_torchrun(args: argparse.Namespace, config) -> int:
 
     # One GPU per process where there are GPUs (nccl), else the CPU (gloo); the rendezvous is
     # torchrun's (env://: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE).
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        print("error: --backend nccl needs CUDA GPUs; none are visible", file=sys.stderr)
+        return 2
     if torch.cuda.is_available() and args.backend in ("auto", "nccl"):
         backend, local_rank = "nccl", int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -266,20 +270,29 @@ def _train_torchrun(args: argparse.Namespace, config) -> int:
         timeout=datetime.timedelta(seconds=args.timeout),
         **extra,
     )
+    rank = dist.get_rank()
     started = time.perf_counter()
+    code = 0
     try:
         result = train(config)
+        # nobody tears the group down while a peer may still be inside a collective
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            _report([result], config, backend, time.perf_counter() - started, args)
     except Exception as exc:  # noqa: BLE001 - one line per rank; torchrun reports the exit code
-        print(f"error: rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
         if args.traceback:
-            raise
-        return 1
-    wall = time.perf_counter() - started
-    rank = dist.get_rank()
-    dist.destroy_process_group()
-    if rank == 0:
-        _report([result], config, backend, wall, args)
-    return 0
+            import traceback
+
+            traceback.print_exc()
+        code = 1
+    # Skip the interpreter's teardown, as LiveCluster workers do: with gloo's threads still
+    # about, it sometimes aborts (SIGABRT, "terminate called without an active exception")
+    # after the work is done, which torchrun would report as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _report(results: list[dict], config, backend: str, wall_s: float, args) -> None:

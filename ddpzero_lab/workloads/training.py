@@ -200,18 +200,15 @@ class _Batches:
         return self._indices[start : start + self.local_batch]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """(a float64 checksum, a sha256 of the bytes) of a state_dict's floating-point tensors,
-    in key order: the float to read, the digest to tell bit-identical runs apart."""
+def state_digest(state: dict[str, torch.Tensor], names=None) -> tuple[float, str]:
+    """(a float64 checksum, a sha256 of the bytes) of a state_dict's floating-point tensors
+    (only those in `names`, when given), in key order: the float to read, the digest to tell
+    bit-identical runs apart."""
     total = 0.0
     sha = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu()
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or (names is not None and name not in names):
             continue
         total += float(tensor.double().sum())
         sha.update(name.encode())
@@ -287,7 +284,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     Returns a dict: losses (the global batch's mean loss per step run here), eval (one
     {step, loss, accuracy} per evaluation), accuracy (the last evaluation's), step_times
-    (seconds), checksum and params_sha256 (of the full final parameters, equal on every rank),
+    (seconds), checksum and params_sha256 (of the full final parameters, not buffers: equal on
+    every rank),
     start_step (> 0 after a resume), num_params, rank, world_size; with return_state, rank 0's
     dict also has state_dict (full tensors on the CPU).
     """
@@ -320,7 +318,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(config.seed)  # the same initial values on every rank
     module = build_model(config, split).to(device)
-    num_params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    num_params = sum(p.numel() for p in module.parameters())  # a tied tensor counts once
+    # the names a state_dict uses for parameters, tied ones under each name (before a strategy
+    # may replace the parameters with shards)
+    param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
     options = {} if config.precision == "fp32" else {"precision": config.precision}
     model, optimizer = dzl.parallelize(
         module, config.strategy, optimizer=_optimizer_factory(config), **options
@@ -380,7 +381,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         evals.append({"step": config.steps, **_evaluate(model, split, config, rank, world_size)})
 
     state = {k: v.cpu() for k, v in dzl.full_state_dict(model).items()}
-    checksum, sha = state_digest(state)
+    # parameters only: buffers such as BatchNorm's running statistics are each rank's own
+    # (DDP copies rank 0's before each forward, the last forward then updates them locally)
+    checksum, sha = state_digest(state, param_names)
     result = {
         "losses": losses,
         "eval": evals,
