@@ -175,3 +175,32 @@ def _bad_units():
 
 def test_bad_options_are_refused(ncluster):
     assert all(ncluster.run(_bad_units))
+
+
+def _prefetch_in_flight(prefetch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model, opt = dzl.parallelize(model, "zero3", optimizer=OPTIMIZERS["sgd"], prefetch=prefetch)
+    engine = model._ddpzero_zero3
+    unit_of = {u.module: u for u in engine.units}
+    early = []  # after layer 0's forward: is layer 2's gather already started or done?
+    model[0].register_forward_hook(
+        lambda m, a, o: early.append(
+            bool(unit_of[model[2]].gather_works) or unit_of[model[2]].gathered
+        )
+    )
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return [u.name for u in engine._order], early, dzl.full_state_dict(model)
+
+
+def test_prefetch_starts_the_next_units_gather_early_and_changes_no_result(ncluster):
+    with_prefetch = ncluster.run(_prefetch_in_flight, True)
+    without = ncluster.run(_prefetch_in_flight, False)
+    for (order, early, state), (_, late, plain) in zip(with_prefetch, without, strict=True):
+        assert order == ["(root)", "0", "2", "4"]  # the first forward's order
+        assert early == [False, True, True]  # the first forward records; then it prefetches
+        assert late == [False, False, False]
+        assert_same_parameters(state, plain, atol=0)

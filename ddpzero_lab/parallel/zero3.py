@@ -261,8 +261,6 @@ class Zero3:
     # -- hooks -----------------------------------------------------------------------------
     def _root_pre_forward(self, module, args) -> None:
         self._forward_at = time.time()
-        if self._order:
-            self._recording = False
 
     def _pre_forward(self, unit: _Unit):
         def hook(module, args):
@@ -275,6 +273,8 @@ class Zero3:
 
     def _post_forward(self, unit: _Unit):
         def hook(module, args, output):
+            if unit.module is self.module:
+                self._recording = False  # the first forward is over: the order is known
             if torch.is_grad_enabled():
                 for t in _tensors(output):
                     if t.requires_grad:
@@ -307,6 +307,19 @@ class Zero3:
         unit.pending -= 1
         if unit.pending == 0:
             self._launch_in_order()
+        for done in self._backward_order()[: self._next_launch]:
+            # a unit whose reduce-scatter has completed needs its full gradients no more
+            for f in done.trainable:
+                if f.work is not None and f.work[0].is_completed():
+                    self._collect(f)
+
+    def _collect(self, flat: _Flat) -> None:
+        """Take a finished reduce-scatter's shard; drop the full gradient buffer."""
+        work, shard = flat.work
+        work.wait()
+        flat.grad_shard = shard if flat.grad_shard is None else flat.grad_shard + shard
+        flat.grad_full = None
+        flat.work = None
 
     def _launch_in_order(self) -> None:
         order = self._backward_order()
@@ -345,11 +358,8 @@ class Zero3:
         self._launch_in_order()
         for unit in self.units:
             for flat in unit.trainable:
-                work, shard = flat.work
-                work.wait()
-                flat.grad_shard = shard if flat.grad_shard is None else flat.grad_shard + shard
-                flat.grad_full = None
-                flat.work = None
+                if flat.work is not None:
+                    self._collect(flat)
             if unit.gathered or unit.gather_works:
                 self._free(unit)
         self._exposed_s = time.time() - self._backward_end
