@@ -38,6 +38,50 @@ from .wrapper import WrappedOptimizer
 MB = 1024 * 1024
 
 
+class ShardedOptimizerState:
+    """state_dict / load_state_dict / consolidate_state_dict of an optimizer that steps one
+    slice [lo, hi) of each of several flat buffers (ZeRO stages 1-3): subclasses give
+    `_flat_shards()` -> [(lo, hi, numel of real data)] and hold `optimizer`, `group`, `rank`
+    and `world_size`."""
+
+    def _flat_shards(self) -> list[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def consolidate_state_dict(self) -> dict:
+        """The full optimizer state, unsharded (collective: call it on every rank)."""
+        shards = self._flat_shards()
+        return consolidate(
+            self.optimizer, [hi - lo for lo, hi, _ in shards], [n for *_, n in shards], self.group
+        )
+
+    def state_dict(self) -> dict:
+        """This rank's shard of the optimizer state (the sharded form). For a state that loads
+        at any world size, use consolidate_state_dict() or dzl.save_checkpoint."""
+        return {
+            "form": "sharded",
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("form") == "consolidated":
+            shards = self._flat_shards()
+            load_consolidated(
+                self.optimizer,
+                state,
+                [(lo, hi) for lo, hi, _ in shards],
+                [hi - lo for lo, hi, _ in shards],
+            )
+            return
+        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
+            raise ValueError(
+                f"this optimizer shard was saved by rank {state.get('rank')} of "
+                f"{state.get('world_size')}; this is rank {self.rank} of {self.world_size}"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 class _Bucket:
     """A flat group of parameters, padded to a multiple of N, sharded by contiguous slices."""
 
@@ -84,7 +128,7 @@ class _Bucket:
         return self.grad_flat
 
 
-class ZeroShardedOptimizer(WrappedOptimizer):
+class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
     """The optimizer `parallelize(..., "zero1" | "zero2")` returns; use it like a torch one."""
 
     def __init__(
@@ -355,40 +399,8 @@ class ZeroShardedOptimizer(WrappedOptimizer):
             [b.grad_shard for b in self.buckets if b.grad_shard is not None], max_norm, self.group
         )
 
-    def consolidate_state_dict(self) -> dict:
-        """The full optimizer state, unsharded (collective: call it on every rank)."""
-        return consolidate(
-            self.optimizer,
-            [b.hi - b.lo for b in self.buckets],
-            [b.layout.numel for b in self.buckets],
-            self.group,
-        )
-
-    def state_dict(self) -> dict:
-        """This rank's shard of the optimizer state (the sharded form). For a state that loads
-        at any world size, use consolidate_state_dict()."""
-        return {
-            "form": "sharded",
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("form") == "consolidated":
-            load_consolidated(
-                self.optimizer,
-                state,
-                [(b.lo, b.hi) for b in self.buckets],
-                [b.hi - b.lo for b in self.buckets],
-            )
-            return
-        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
-            raise ValueError(
-                f"this optimizer shard was saved by rank {state.get('rank')} of "
-                f"{state.get('world_size')}; this is rank {self.rank} of {self.world_size}"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _flat_shards(self) -> list[tuple[int, int, int]]:
+        return [(b.lo, b.hi, b.layout.numel) for b in self.buckets]
 
 
 # --- what both sharded optimizers share ------------------------------------------------------

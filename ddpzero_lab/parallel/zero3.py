@@ -39,7 +39,7 @@ from .ddp import broadcast_state, check_same_model
 from .flat import FlatLayout, emit_shard_map
 from .precision import cast_at_edges, check_precision
 from .wrapper import WrappedOptimizer
-from .zero import clip_grads_, consolidate, gather_flats, keep_unused, load_consolidated
+from .zero import ShardedOptimizerState, clip_grads_, gather_flats, keep_unused
 
 UnitPolicy = Callable[[str, nn.Module], bool]
 
@@ -388,7 +388,7 @@ def _tensors(value):
             yield from _tensors(v)
 
 
-class Zero3Optimizer(WrappedOptimizer):
+class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
     """The optimizer `parallelize(..., "zero3")` returns: it steps this rank's shards."""
 
     def __init__(self, engine: Zero3, optimizer: Callable) -> None:
@@ -463,35 +463,5 @@ class Zero3Optimizer(WrappedOptimizer):
         grads = [f.grad_shard for f in self._flats if f.grad_shard is not None]
         return clip_grads_(grads, max_norm, self.group)
 
-    def consolidate_state_dict(self) -> dict:
-        """The full optimizer state, unsharded (collective: call it on every rank)."""
-        return consolidate(
-            self.optimizer,
-            [f.hi - f.lo for f in self._flats],
-            [f.layout.numel for f in self._flats],
-            self.group,
-        )
-
-    def state_dict(self) -> dict:
-        return {
-            "form": "sharded",
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("form") == "consolidated":
-            load_consolidated(
-                self.optimizer,
-                state,
-                [(f.lo, f.hi) for f in self._flats],
-                [f.hi - f.lo for f in self._flats],
-            )
-            return
-        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
-            raise ValueError(
-                f"this optimizer shard was saved by rank {state.get('rank')} of "
-                f"{state.get('world_size')}; this is rank {self.rank} of {self.world_size}"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _flat_shards(self) -> list[tuple[int, int, int]]:
+        return [(f.lo, f.hi, f.layout.numel) for f in self._flats]
