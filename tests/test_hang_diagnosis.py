@@ -165,7 +165,7 @@ def _seq_of(job, rank, tag):
 def _check_report_while_it_hangs(job):
     # While it hangs, Job.where() reads the records of ranks blocked in gloo.
     deadline = time.monotonic() + 2.0
-    while "waiting in" not in (where := job.where()) and time.monotonic() < deadline:
+    while "(tag grads1) for" not in (where := job.where()) and time.monotonic() < deadline:
         time.sleep(0.05)
     first = _seq_of(job, 0, "grads0")
     assert _seq_of(job, 1, "grads0") == first
