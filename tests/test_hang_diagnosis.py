@@ -232,3 +232,26 @@ def test_a_failure_without_collectives_has_no_report(cluster):
 
     err, _ = _run_failing(cluster, fail)
     assert err.report == "" and "plain bug" in str(err)
+
+
+def _both_wait_for_each_other():
+    comm.recv(torch.ones(1), 1 - dzl.rank(), tag="hello")  # each waits for the other to send
+
+
+def _sum_of_ranks():
+    t = torch.full((1,), float(dzl.rank()))
+    comm.all_reduce(t)
+    return t.item()
+
+
+def test_a_collective_that_timed_out_everywhere_gets_fresh_workers(cluster):
+    # The ranks are in step (each issued one op), but gloo closed its connections when the
+    # ops timed out: the process group is unusable and must be replaced.
+    err, elapsed = _run_failing(cluster, _both_wait_for_each_other)
+    assert elapsed < TIMEOUT + 3 and err.restarted
+    for rank in (0, 1):
+        assert re.search(
+            rf"rank {rank} (waited in|failed in) recv #\d+ from rank {1 - rank} \(tag hello\)",
+            err.report,
+        ), err.report
+    assert cluster.run(_sum_of_ranks) == [1.0, 1.0]

@@ -52,6 +52,7 @@ from .errors import (
     RankFailure,
     code_files,
     describe_exitcode,
+    is_comm_error,
     restore_source,
 )
 
@@ -638,7 +639,12 @@ class Job:
                 reason = self._gen.broken
             elif failed:
                 seqs = {o.seq for o in outcomes if o.status in ("ok", "error", "cancelled")}
-                if None in seqs or len(seqs) > 1:
+                broken_ops = self._failed_collectives(outcomes)
+                if broken_ops:
+                    # Even with the ranks in step: gloo closes its connections when an op
+                    # times out, and NCCL aborts its communicator; the group is unusable.
+                    reason = f"a collective failed on {_ranks(broken_ops)}"
+                elif None in seqs or len(seqs) > 1:
                     reason = "the ranks left the job having issued different collectives"
             restarted = False
             if (
@@ -650,6 +656,20 @@ class Job:
                 cluster._replace_workers(reason, keep=self)
                 restarted = True
             self._finish(self._build_error(outcomes, restarted, reason))
+
+    def _failed_collectives(self, outcomes: list[_Outcome]) -> list[int]:
+        """Ranks on which a collective raised: from the flight records (ops through comm/)
+        and from the error messages (raw torch.distributed calls)."""
+        ranks = set()
+        if self._flight is not None:
+            for rank, rec in self._flight[1].items():
+                if rec is not None and rec.last is not None and rec.last.job == self.id:
+                    if rec.last.status != flight.OK:
+                        ranks.add(rank)
+        for rank, o in enumerate(outcomes):
+            if o.status == "error" and is_comm_error((o.payload or {}).get("message", "")):
+                ranks.add(rank)
+        return sorted(ranks)
 
     def _abandon(self, reason: str) -> None:
         """End the job without waiting for its ranks: the workers are gone (restart, close)."""

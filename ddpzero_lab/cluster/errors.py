@@ -18,7 +18,13 @@ _COMM_ERROR_MARKS = (
     "NCCL communicator was aborted",
     "ProcessGroupNCCL",
     "Broken pipe",
+    "pair closure",  # gloo: "Application timeout caused pair closure"
 )
+
+
+def is_comm_error(message: str) -> bool:
+    """True if an error message is one gloo or NCCL gives when a collective failed."""
+    return any(m in message for m in _COMM_ERROR_MARKS)
 
 
 class ClusterError(RuntimeError):
@@ -48,7 +54,7 @@ class RankFailure:
 
     @property
     def is_comm_error(self) -> bool:
-        return self.kind == "exception" and any(m in self.message for m in _COMM_ERROR_MARKS)
+        return self.kind == "exception" and is_comm_error(self.message)
 
     def summary(self) -> str:
         if self.kind == "exception":
