@@ -388,7 +388,8 @@ class DDP(nn.Module):
         self._rebuilt = True
         seen = list(dict.fromkeys(self._arrival))
         rest = [i for i in reversed(range(len(self._params))) if i not in set(seen)]
-        order = torch.tensor(seen + rest, dtype=torch.int64)
+        # on the parameters' device: nccl moves only CUDA tensors
+        order = torch.tensor(seen + rest, dtype=torch.int64, device=self._params[0][1].device)
         comm.broadcast(order, _global_rank(self.group, 0), group=self.group, tag="bucket_order")
         new_order = order.tolist()
         if new_order != [i for b in self._buckets for i in b.params]:

@@ -431,8 +431,10 @@ def keep_unused(groups, group=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     used = torch.tensor(
         [int(i in used) for layout, *_, used in groups for i in range(len(layout.shapes))],
         dtype=torch.int32,
+        device=groups[0][3].device,  # nccl moves only CUDA tensors
     )
     comm.all_reduce(used, group=group, tag="used_mask")
+    used = used.tolist()
     keep, k = [], 0
     for layout, lo, hi, shard, _ in groups:
         for index in range(len(layout.shapes)):
