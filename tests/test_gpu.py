@@ -79,3 +79,14 @@ def test_memory_events_report_cuda_memory(gpu_cluster):
     memory = [e for e in job.events if e.kind == "memory"]
     assert memory and all(e.get("cuda_allocated", 0) > 0 for e in memory)
     assert all(e["cuda_max_allocated"] >= e["cuda_allocated"] for e in memory)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_every_strategy_runs_on_nccl(strategy):
+    """nccl moves only CUDA tensors: every collective a strategy issues must live on the GPU
+    (one rank per GPU; a one-GPU machine runs a one-rank nccl group)."""
+    n = torch.cuda.device_count()
+    want = _train("single", "fp32", world_size=n)
+    with dzl.LiveCluster(n, backend="nccl", timeout=60.0) as cluster:
+        for got in cluster.run(_train, strategy, "fp32"):
+            assert_same_parameters(got, want, atol=1e-5)
