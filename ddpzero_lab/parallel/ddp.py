@@ -322,11 +322,12 @@ class DDP(nn.Module):
                     bucket.ready_params.add(i)
                     bucket.pending -= 1
             if self.find_unused_parameters:
-                used = torch.ones(len(self._params), dtype=torch.int32)
+                used = [1] * len(self._params)
                 for i in unready:
                     used[i] = 0
-                comm.all_reduce(used, group=self.group, tag="unused_mask")
-                globally_unused = {i for i in range(len(self._params)) if used[i] == 0}
+                mask = torch.tensor(used, dtype=torch.int32, device=self._params[0][1].device)
+                comm.all_reduce(mask, group=self.group, tag="unused_mask")
+                globally_unused = {i for i, u in enumerate(mask.tolist()) if u == 0}
             self._launch_ready()
             for bucket in self._buckets:
                 bucket.work.wait()
