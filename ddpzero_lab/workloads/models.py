@@ -128,7 +128,9 @@ class TinyGPT(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        # a Sequential, not a ModuleList: a container whose forward runs, so that module hooks
+        # on it fire (ZeRO-3 gathers a unit's parameters in its forward pre-hook)
+        self.blocks = nn.Sequential(*(Block(n_embd, n_head, dropout) for _ in range(n_layer)))
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying
@@ -154,9 +156,7 @@ class TinyGPT(nn.Module):
             raise ValueError(f"sequence length {time} exceeds block_size {self.block_size}")
         positions = torch.arange(time, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(self.blocks(x)))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0):
