@@ -232,14 +232,18 @@ def _follow(job, config) -> None:
         return
     import time
 
+    def show(bar) -> None:
+        losses = [e for e in job.events if e.kind == "loss" and e.rank == 0]
+        if losses:
+            bar.n = losses[-1]["step"] + 1
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}", refresh=False)
+            bar.refresh()
+
     with tqdm(total=config.steps, desc=f"{config.strategy} {config.model}") as bar:
         while not job.done():
-            losses = [e for e in job.events if e.kind == "loss" and e.rank == 0]
-            if losses:
-                bar.n = losses[-1]["step"] + 1
-                bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}", refresh=False)
-                bar.refresh()
+            show(bar)
             time.sleep(0.2)
+        show(bar)  # the last steps, which may have come with the end of the job
 
 
 def _train_torchrun(args: argparse.Namespace, config) -> int:
