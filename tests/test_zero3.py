@@ -204,3 +204,44 @@ def test_prefetch_starts_the_next_units_gather_early_and_changes_no_result(nclus
         assert early == [False, True, True]  # the first forward records; then it prefetches
         assert late == [False, False, False]
         assert_same_parameters(state, plain, atol=0)
+
+
+class Blocks(nn.Module):
+    """Blocks in a ModuleList, called by the root one by one (the list itself never runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+class Peeks(Blocks):
+    def forward(self, x):  # reads a unit's weight outside that unit's forward
+        return x @ self.head.weight.t()
+
+
+def _units_of_containers():
+    torch.manual_seed(0)
+    model, opt = dzl.parallelize(Blocks(), "zero3", optimizer=OPTIMIZERS["sgd"])
+    names = sorted(u.name for u in model._ddpzero_zero3.units)
+    nn.functional.mse_loss(model(torch.randn(4, 6)), torch.zeros(4, 3)).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="ModuleList"):
+        dzl.parallelize(
+            Blocks(), "zero3", optimizer=OPTIMIZERS["sgd"], units=lambda n, m: n == "blocks"
+        )
+    peeking, _ = dzl.parallelize(Peeks(), "zero3", optimizer=OPTIMIZERS["sgd"])
+    with pytest.raises(RuntimeError, match="used outside its unit") as info:
+        peeking(torch.randn(4, 6))
+    return names, str(info.value)
+
+
+def test_module_lists_give_their_elements_as_units_and_misuse_is_explained(ncluster):
+    for names, message in ncluster.run(_units_of_containers):
+        assert names == ["(root)", "blocks.0", "blocks.1", "head"]
+        assert "head (head.weight, head.bias)" in message and "vec (0)" in message

@@ -113,6 +113,7 @@ class _Bucket:
             full = FlatLayout.of(masters, align=world_size).flatten(masters)
             self.shard = nn.Parameter(full[self.lo : self.hi].clone())
         self.grad_shard: torch.Tensor | None = None  # the reduced gradient slice (compute dtype)
+        self.incoming: torch.Tensor | None = None  # what a reduce-scatter in flight fills
         self.grad_flat: torch.Tensor | None = None  # full gradients, alive until reduced
         self.pending = len(params)
         self.ready: set[int] = set()
@@ -300,12 +301,23 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         )
 
     def _new_grad_shard(self, bucket: _Bucket) -> torch.Tensor:
-        """The tensor a bucket's reduce-scatter fills: the shard's .grad itself in fp32; in
-        bf16-mixed a bf16 tensor, turned into the fp32 master's gradient inside step()."""
-        bucket.grad_shard = torch.empty_like(bucket.local)
+        """The tensor a bucket's reduce-scatter fills (compute dtype); `_take_grad_shard` adds
+        it to the shard's gradient once the reduce-scatter is done."""
+        bucket.incoming = torch.empty_like(bucket.local)
+        return bucket.incoming
+
+    def _take_grad_shard(self, bucket: _Bucket) -> None:
+        """Add a finished reduce-scatter's slice to the gradient shard: gradient accumulation
+        over several backward passes sums them, as .grad does in one process. In fp32 the
+        shard's .grad is that tensor; in bf16-mixed it becomes the fp32 master's gradient
+        inside step()."""
+        incoming, bucket.incoming = bucket.incoming, None
+        if bucket.grad_shard is None:
+            bucket.grad_shard = incoming
+        else:
+            bucket.grad_shard.add_(incoming)
         if bucket.shard.dtype == bucket.local.dtype:
             bucket.shard.grad = bucket.grad_shard
-        return bucket.grad_shard
 
     def _finalize_backward(self) -> None:
         self._backward_end = time.time()
@@ -317,6 +329,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         self._launch_ready()
         for bucket in self.buckets:
             bucket.work.wait()
+            self._take_grad_shard(bucket)
             bucket.grad_flat = None  # only the shard's gradient stays
             bucket.work = None
             bucket.ready = set()
@@ -384,6 +397,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
             comm.reduce_scatter(
                 self._new_grad_shard(bucket), buffer, group=self.group, tag=f"grads{bucket.index}"
             )
+            self._take_grad_shard(bucket)
             bucket.grad_flat = None  # scratch: freed once reduced
 
     def clip_grad_norm_(self, max_norm: float) -> float:

@@ -44,9 +44,23 @@ from .zero import ShardedOptimizerState, clip_grads_, gather_flats, keep_unused
 UnitPolicy = Callable[[str, nn.Module], bool]
 
 
-def default_units(name: str, module: nn.Module) -> bool:
-    """Each direct child of the root that holds parameters is a unit."""
-    return name != "" and "." not in name and any(True for _ in module.parameters())
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)  # they hold modules but have no forward
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def default_units(root: nn.Module) -> set[str]:
+    """Each child of the root that holds parameters; for a child that is a ModuleList or
+    ModuleDict (never called itself: the root calls its elements), its elements."""
+    names = set()
+    for name, child in root.named_children():
+        if isinstance(child, _CONTAINERS):
+            names |= {f"{name}.{n}" for n, c in child.named_children() if _holds_parameters(c)}
+        elif _holds_parameters(child):
+            names.add(name)
+    return names
 
 
 class _Flat:
@@ -143,7 +157,10 @@ class Zero3:
             raise ValueError("ZeRO-3 here shards floating-point parameters only")
         if len({p.device for p in params}) > 1:
             raise ValueError("ZeRO-3 here needs every parameter on one device")
-        self.units = self._make_units(units or default_units)
+        if units is None:
+            chosen = default_units(module)
+            units = lambda name, mod: name in chosen  # noqa: E731
+        self.units = self._make_units(units)
         self._order: list[_Unit] = []  # units in the order of the first forward
         self._recording = True
         self._finalize_queued = False
@@ -163,11 +180,19 @@ class Zero3:
         self._handles.append(module.register_forward_pre_hook(self._root_pre_forward))
         if self.dtype != torch.float32:
             self._handles.extend(cast_at_edges(module, self.dtype))
+        self._explain_empty_parameters(module)
         self._emit_shard_map()
 
     # -- set-up ----------------------------------------------------------------------------
     def _make_units(self, policy: UnitPolicy) -> list[_Unit]:
         chosen = {name: mod for name, mod in self.module.named_modules() if policy(name, mod)}
+        for name, mod in chosen.items():
+            if isinstance(mod, _CONTAINERS):
+                raise ValueError(
+                    f"unit {name!r} is a {type(mod).__name__}, which is never called (it has no "
+                    "forward of its own), so its parameters would never be gathered: choose its "
+                    "elements as units instead"
+                )
         chosen[""] = self.module  # the root takes whatever no other unit holds
         # every place each parameter appears (a tied weight appears under several modules)
         uses: dict[int, list[str]] = {}
@@ -218,6 +243,33 @@ class Zero3:
         emit_shard_map(
             "zero3", named, lambda i, n: (owners[i], owners[i], owners[i]), self.world_size
         )
+
+    def _explain_empty_parameters(self, module: nn.Module) -> None:
+        """A parameter used outside its unit's forward is an empty tensor then, and torch's
+        error only speaks of shapes: add what happened and what to do."""
+        forward = module.forward
+
+        def explained(*args, **kwargs):
+            try:
+                return forward(*args, **kwargs)
+            except RuntimeError as exc:
+                freed = [
+                    f"{u.name} ({', '.join(n for f in u.flats for n, _ in f.params)[:120]})"
+                    for u in self.units
+                    if not u.gathered and u.module is not self.module
+                ]
+                if not freed:
+                    raise
+                raise RuntimeError(
+                    f"{exc}\n\nZeRO-3: a unit's parameters are empty tensors (0 elements) "
+                    "except while that unit runs its forward or backward. If the error above "
+                    "involves a tensor of 0 elements, a parameter was used outside its unit, "
+                    "e.g. read directly by a parent module's forward. Units not running then: "
+                    f"{'; '.join(freed)}. Make the module that uses it a unit (units=), or leave "
+                    "the parameter to a unit that contains every module using it."
+                ) from exc
+
+        module.forward = explained
 
     # -- gather and free -------------------------------------------------------------------
     def _gather(self, unit: _Unit, async_op: bool = False) -> None:

@@ -35,10 +35,6 @@ STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
 MODELS = ("mlp", "resnet18", "gpt")
 PRECISIONS = ("fp32", "bf16-mixed")
 OPTIMIZERS = ("adamw", "sgd")
-# Strategies whose gradients are communicated during backward and kept only as shards: a
-# second backward before step() would overwrite the first one's shard instead of adding to it,
-# so they accumulate only through a no_sync() of their own (DDP's is on the model).
-_SHARDS_GRADIENTS_IN_BACKWARD = ("zero2",)
 
 
 @dataclass
@@ -136,12 +132,6 @@ def local_batch_size(config: TrainConfig, world_size: int) -> int:
         raise ValueError(
             f"batch_size ({config.batch_size}) must be a multiple of world_size * grad_accum "
             f"({replicas} * {config.grad_accum}): each rank's micro-batches are equal"
-        )
-    if config.grad_accum > 1 and config.strategy in _SHARDS_GRADIENTS_IN_BACKWARD:
-        raise ValueError(
-            f"strategy {config.strategy!r} reduce-scatters gradients during backward and keeps "
-            "only its shard, so it cannot accumulate over micro-batches yet; use grad_accum=1 "
-            "with a smaller batch_size, or zero1 / ddp"
         )
     return config.batch_size // (replicas * config.grad_accum)
 
