@@ -167,3 +167,33 @@ def test_cli_consolidates_to_a_plain_state_dict(clusters, tmp_path):
         timeout=120,
     )
     assert bad.returncode != 0 and "no checkpoint" in bad.stderr
+
+
+def _run_with_checkpoints(directory, total, kill_at=None, resume=False):
+    """Train `total` steps of zero2, a checkpoint every 2 steps; rank 1 may die after step
+    `kill_at` (an injected fault); `resume` starts from the latest checkpoint."""
+    if kill_at is not None:
+        dzl.faults.kill(rank=1, at_step=kill_at)
+    model, opt = dzl.parallelize(make_model(seed=0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    start = dzl.load_checkpoint(directory, model, opt)["step"] if resume else 0
+    for step in range(start, total):
+        x, y = global_batch(step, 6, 2)
+        mine = slice(dzl.rank() * 6, dzl.rank() * 6 + 6)
+        nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % 2 == 0:
+            dzl.save_checkpoint(directory, model, opt, step=step + 1)
+    return start, dzl.full_state_dict(model)
+
+
+def test_a_rank_killed_mid_training_then_resume_equals_an_uninterrupted_run(clusters, tmp_path):
+    cluster = clusters[2]
+    _, straight = cluster.run(_run_with_checkpoints, tmp_path / "straight", 8)[0]
+    with pytest.raises(dzl.RankError, match="rank 1") as info:
+        cluster.run(_run_with_checkpoints, tmp_path / "crash", 8, kill_at=4)
+    assert "SIGKILL" in str(info.value)
+    # the cluster replaced its workers; the latest checkpoint is the one before the crash
+    for start, resumed in cluster.run(_run_with_checkpoints, tmp_path / "crash", 8, resume=True):
+        assert start == 4
+        assert_same_parameters(resumed, straight, atol=0)
