@@ -137,7 +137,7 @@ def test_kill_at_a_step_names_the_dead_rank_and_where_each_rank_stood(cluster):
     assert err.ranks == [1] and err.failures[1].kind == "died" and "SIGKILL" in str(err)
     last = _last_seq(events, 1)
     assert (
-        f"rank 1 died (killed by SIGKILL (the OOM killer sends SIGKILL when memory runs out)) "
+        f"rank 1 died (killed by SIGKILL (the injected fault)) "
         f"in user code: its last one was all_reduce #{last} (tag bucket0)" in err.report
     ), err.report
     assert f"rank 0 failed in all_reduce #{last + 1} (tag bucket0)" in err.report, err.report

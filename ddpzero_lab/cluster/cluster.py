@@ -47,6 +47,7 @@ import cloudpickle
 from .. import telemetry
 from . import flight, worker
 from .errors import (
+    OOM_HINT,
     ClusterError,
     RankError,
     RankFailure,
@@ -516,6 +517,8 @@ class Job:
         injected = [e["text"] for e in self._log.of_kind("fault") if e.get("text")]
         if injected:
             lines.append("faults injected on purpose (ddpzero_lab.faults): " + "; ".join(injected))
+        if any("SIGKILL" in text for text in injected):  # not the OOM killer: the fault
+            lines = [line.replace(OOM_HINT, " (the injected fault)") for line in lines]
         return "\n".join(lines)
 
     def _notify_wait_end(self) -> None:

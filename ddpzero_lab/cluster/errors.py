@@ -66,6 +66,9 @@ class RankFailure:
         return "cancelled"
 
 
+OOM_HINT = " (the OOM killer sends SIGKILL when memory runs out)"
+
+
 def describe_exitcode(code: int | None) -> str:
     if code is None:
         return "exit status unknown"
@@ -74,7 +77,7 @@ def describe_exitcode(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        extra = " (the OOM killer sends SIGKILL when memory runs out)" if name == "SIGKILL" else ""
+        extra = OOM_HINT if name == "SIGKILL" else ""
         return f"killed by {name}{extra}"
     return f"exit code {code}"
 
