@@ -100,10 +100,16 @@ def _traffic_and_residency():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 9), nn.ReLU(), nn.Linear(9, 5))  # 99 + 50 elements
     model, opt = dzl.parallelize(model, "zero3", optimizer=OPTIMIZERS["sgd"])
-    sizes_at_rest = [p.numel() for p in model.parameters()]
+
+    def held():
+        return [p.untyped_storage().nbytes() for p in model.parameters()]
+
+    sizes_at_rest = held()
     seen_in_forward = []
     model[2].register_forward_pre_hook(
-        lambda m, a: seen_in_forward.append((model[0].weight.numel(), m.weight.numel()))
+        lambda m, a: seen_in_forward.append(
+            (model[0].weight.untyped_storage().nbytes(), m.weight.untyped_storage().nbytes())
+        )
     )
     x = torch.randn(4, 10)
     nn.functional.mse_loss(model(x), torch.zeros(4, 5)).backward()  # warm-up step
@@ -113,15 +119,15 @@ def _traffic_and_residency():
     nn.functional.mse_loss(model(x), torch.zeros(4, 5)).backward()
     opt.step()
     opt.zero_grad()
-    return sizes_at_rest, seen_in_forward, dzl.traffic(), [p.numel() for p in model.parameters()]
+    return sizes_at_rest, seen_in_forward, dzl.traffic(), held()
 
 
 def test_traffic_is_three_psi_and_parameters_exist_only_while_needed(ncluster):
     n = ncluster.world_size
     padded = [-(-99 // n) * n, -(-50 // n) * n]  # each unit's flat buffer, padded to N
     for rest, seen, traffic, after in ncluster.run(_traffic_and_residency):
-        assert rest == [0, 0, 0, 0] and after == [0, 0, 0, 0]  # sharded at rest
-        assert seen[-1] == (0, 45)  # in layer 2's forward: layer 0 freed, layer 2 whole
+        assert rest == [0, 0, 0, 0] and after == [0, 0, 0, 0]  # bytes held: sharded at rest
+        assert seen[-1] == (0, 4 * padded[1])  # in layer 2's forward: layer 0 freed, 2 whole
         gathered = sum(padded) * (n - 1) // n * 4
         assert traffic["all_gather"]["sent"] == 2 * gathered  # forward and backward
         assert traffic["reduce_scatter"]["sent"] == gathered
@@ -244,4 +250,29 @@ def _units_of_containers():
 def test_module_lists_give_their_elements_as_units_and_misuse_is_explained(ncluster):
     for names, message in ncluster.run(_units_of_containers):
         assert names == ["(root)", "blocks.0", "blocks.1", "head"]
-        assert "head (head.weight, head.bias)" in message and "vec (0)" in message
+        assert "head (head.weight, head.bias)" in message and "storage of size 0" in message
+
+
+def _saved_for_backward(strategy):
+    torch.manual_seed(0)
+    layers = [m for _ in range(6) for m in (nn.Linear(64, 64), nn.Tanh())]
+    model, _ = dzl.parallelize(
+        nn.Sequential(*layers), strategy, optimizer=OPTIMIZERS["sgd"], track_memory=False
+    )
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(torch.randn(4, 64))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    held = sum(storages.values())
+    out.sum().backward()  # the saved views see the gathered values again
+    return held, sum(p.grad is None for p in model.parameters())
+
+
+def test_what_autograd_saves_holds_no_gathered_parameters(ncluster):
+    weight = 64 * 64 * 4
+    for held, _ in ncluster.run(_saved_for_backward, "zero3"):
+        # activations only (6 inputs and 6 outputs of 4 x 64): no gathered weight survives
+        # the end of its unit's forward through a view that autograd keeps
+        assert held <= 12 * 4 * 64 * 4 < weight
+    for held, _ in ncluster.run(_saved_for_backward, "ddp"):
+        assert held >= 5 * weight  # DDP saves 5 weights (not the first: no input gradient)
