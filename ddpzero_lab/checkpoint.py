@@ -213,7 +213,7 @@ def save_checkpoint(
         files = sorted(p.name for p in partial.glob("rank-*.pt"))
         if len(files) != world_size:
             raise CheckpointError(f"expected {world_size} shard files, found {len(files)}")
-        # shapes from the layouts: a ZeRO-3 parameter is an empty tensor at rest
+        # shapes from the layouts, the authority for every strategy's flat buffers
         params = {
             name: {"shape": list(shape)}
             for g in groups
