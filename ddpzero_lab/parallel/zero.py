@@ -537,7 +537,7 @@ def load_consolidated(
         group.update(saved)
 
 
-class ZeroOptimizer(WrappedOptimizer):
+class ZeroOptimizer(ShardedOptimizerState, WrappedOptimizer):
     """A drop-in for torch's ZeroRedundancyOptimizer: `ZeroOptimizer(params, optimizer_class,
     **defaults)`.
 
@@ -614,9 +614,12 @@ class ZeroOptimizer(WrappedOptimizer):
         """Gradients are global already: the plain torch clip applies (kept for symmetry)."""
         return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
 
+    def _flat_shards(self) -> list[tuple[int, int, int]]:
+        return [(self.lo, self.hi, self.layout.numel)]
+
     def consolidate_state_dict(self, to: int = 0) -> dict:
         """The full optimizer state (collective: every rank must call it); kept for `to`."""
-        full = consolidate(self.optimizer, [self.hi - self.lo], [self.layout.numel], self.group)
+        full = super().consolidate_state_dict()
         self._consolidated = full if self.rank == to else None
         return full
 
@@ -624,22 +627,4 @@ class ZeroOptimizer(WrappedOptimizer):
         """This rank's shard (sharded form); after consolidate_state_dict(), the full state on
         the rank it was consolidated to."""
         consolidated = getattr(self, "_consolidated", None)
-        if consolidated is not None:
-            return consolidated
-        return {
-            "form": "sharded",
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("form") == "consolidated":
-            load_consolidated(self.optimizer, state, [(self.lo, self.hi)], [self.hi - self.lo])
-            return
-        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
-            raise ValueError(
-                f"this shard was saved by rank {state.get('rank')} of {state.get('world_size')}; "
-                f"this is rank {self.rank} of {self.world_size} (use a consolidated state)"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
+        return consolidated if consolidated is not None else super().state_dict()
