@@ -47,6 +47,11 @@ CATEGORIES = ("params", "grads", "optimizer", "buffers", "scratch")
 # --- counting real tensors ---------------------------------------------------------------
 
 
+def _storage_identity(t: torch.Tensor) -> int:
+    """The storage object itself (stable while it lives, across resizes)."""
+    return t.untyped_storage()._cdata
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     storage = t.untyped_storage()
     return (t.device.type, t.device.index, storage.data_ptr())
@@ -137,7 +142,9 @@ class _ActivationCounter:
         self.bytes = 0
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
+        # A storage's identity, not its address: ZeRO-3 frees a gathered buffer by resizing
+        # its storage, so an address can come back for another buffer within one forward.
+        key = _storage_identity(t)
         if key not in self.seen and key not in self.exclude:
             self.seen.add(key)
             self.bytes += t.untyped_storage().nbytes()
@@ -214,8 +221,14 @@ class MemoryTracker:
         module_ = getattr(module, "module", module)
         # parameters and buffers are model state; autograd also saves BatchNorm's running
         # statistics, which must not count twice
-        state = {_storage_key(t) for t in (*module_.parameters(), *module_.buffers())}
-        self._counter = _ActivationCounter(state)
+        # (and a strategy's parameter buffers: ZeRO-3 gathers units into them during forward)
+        state = [*module_.parameters(), *module_.buffers()]
+        state += _strategy_tensors(module, self._optimizer).get("params", [])
+        self._counter = _ActivationCounter({_storage_identity(t) for t in state})
+        # keep them alive through forward: a storage freed meanwhile (ZeRO-3 swaps a
+        # parameter's placeholder for its gathered view) could lend its identity to an
+        # activation, which would then go uncounted
+        self._counter.keep = [t.untyped_storage() for t in state]
         self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(
             self._counter.pack, self._counter.unpack
         )

@@ -237,6 +237,8 @@ def _units_of_containers():
     names = sorted(u.name for u in model._ddpzero_zero3.units)
     nn.functional.mse_loss(model(torch.randn(4, 6)), torch.zeros(4, 3)).backward()
     opt.step()
+    # at rest a parameter is an empty tensor: reading it is safe and shows nothing
+    assert [p.detach().clone().numel() for p in model.parameters()] == [0] * 6
     with pytest.raises(ValueError, match="ModuleList"):
         dzl.parallelize(
             Blocks(), "zero3", optimizer=OPTIMIZERS["sgd"], units=lambda n, m: n == "blocks"
@@ -250,7 +252,7 @@ def _units_of_containers():
 def test_module_lists_give_their_elements_as_units_and_misuse_is_explained(ncluster):
     for names, message in ncluster.run(_units_of_containers):
         assert names == ["(root)", "blocks.0", "blocks.1", "head"]
-        assert "head (head.weight, head.bias)" in message and "storage of size 0" in message
+        assert "head (head.weight, head.bias)" in message and "vec (0)" in message
 
 
 def _saved_for_backward(strategy):
@@ -276,3 +278,29 @@ def test_what_autograd_saves_holds_no_gathered_parameters(ncluster):
         assert held <= 12 * 4 * 64 * 4 < weight
     for held, _ in ncluster.run(_saved_for_backward, "ddp"):
         assert held >= 5 * weight  # DDP saves 5 weights (not the first: no input gradient)
+
+
+def _activations(strategy):
+    torch.manual_seed(0)
+    layers = [m for _ in range(3) for m in (nn.Linear(32, 32), nn.Tanh())]
+    model, opt = dzl.parallelize(
+        nn.Sequential(*layers), strategy, optimizer=OPTIMIZERS["sgd"], track_memory=True
+    )
+    for _ in range(2):
+        model(torch.randn(4, 32, requires_grad=True)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_the_memory_tracker_counts_activations_not_gathered_parameters(ncluster):
+    counted = {}
+    for strategy in ("ddp", "zero3"):
+        job = ncluster.submit(_activations, strategy)
+        job.wait()
+        counted[strategy] = sorted(
+            e["activations"]
+            for e in job.events
+            if e.kind == "memory" and e["phase"] == "after_forward"
+        )
+    assert counted["zero3"] == counted["ddp"]  # the same activations on every rank, each step
+    assert len(set(counted["zero3"])) == 1 and counted["zero3"][0] < 32 * 32 * 4

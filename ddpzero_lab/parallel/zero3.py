@@ -8,9 +8,9 @@ This module owns `parallelize(..., strategy="zero3")` (Rajbhandari et al., "ZeRO
   innermost unit that contains every use of it, so a weight tied between two units (an output
   layer sharing the embedding's) belongs to their common ancestor.
 * Each unit's parameters live in one flat buffer padded to a multiple of N; rank r keeps only
-  its contiguous slice r (in fp32: the master weights the optimizer steps). At rest the flat
-  buffer's storage is freed (resized to 0 bytes): each parameter keeps its shape but holds no
-  memory, and so do the views of it that autograd saved for backward.
+  its contiguous slice r (in fp32: the master weights the optimizer steps). At rest every
+  parameter is an empty tensor and the flat buffer's storage is resized to 0 bytes, so the
+  views of the parameters that autograd saved for backward hold no memory either.
 * Before a unit's forward its parameters are all-gathered (in the compute dtype), and freed
   again when its forward ends; a hook on the unit's outputs gathers them once more when
   backward reaches the unit. As each gradient is ready it is copied into the unit's flat
@@ -82,15 +82,14 @@ class _Flat:
         self.master = nn.Parameter(master) if trainable else master
         # what this rank contributes to a gather: the master itself in fp32, a bf16 copy else
         self.local = self.master if dtype == torch.float32 else master.to(dtype)
-        # The whole flat buffer, the parameters views into it for good; freeing resizes its
-        # storage to 0 bytes and gathering gives the bytes back. Tensors that autograd saved
-        # in forward (views of these parameters, such as a transposed weight) share that
-        # storage: they hold no memory between forward and backward, and see the values
-        # again once backward has gathered the unit.
+        # The whole flat buffer, one storage for the life of the unit. Freeing resizes that
+        # storage to 0 bytes and gathering gives the bytes back: tensors that autograd saved in
+        # forward (views of the parameters, such as a transposed weight) share it, so they
+        # hold no memory between forward and backward and see the values again once backward
+        # has gathered the unit. At rest the parameters themselves are empty tensors, so that
+        # touching one outside its unit gives an error, not a read of freed memory.
         self.full = torch.empty(self.layout.padded_numel, dtype=dtype, device=self.device)
         self._nbytes = self.full.untyped_storage().nbytes()
-        for (_, p), view in zip(params, self.layout.views(self.full), strict=True):
-            p.data = view
         self.grad_full: torch.Tensor | None = None  # gradients, alive until reduce-scattered
         self.grad_shard: torch.Tensor | None = None  # this rank's reduced gradient slice
         self.work = None
@@ -102,7 +101,7 @@ class _Flat:
         return self.full.untyped_storage().nbytes() > 0
 
     def begin_gather(self, group, async_op: bool):
-        self.full.untyped_storage().resize_(self._nbytes)
+        self.full.untyped_storage().resize_(self._nbytes)  # the same storage, memory again
         return comm.all_gather(
             self.full,
             self.local.detach(),
@@ -111,7 +110,13 @@ class _Flat:
             tag=f"params:{self.unit}",
         )
 
+    def bind(self) -> None:
+        for (_, p), view in zip(self.params, self.layout.views(self.full), strict=True):
+            p.data = view
+
     def free(self) -> None:
+        for _, p in self.params:
+            p.data = torch.empty(0, dtype=self.dtype, device=self.device)
         self.full.untyped_storage().resize_(0)
 
     def grad_buffer(self) -> torch.Tensor:
@@ -252,8 +257,8 @@ class Zero3:
         )
 
     def _explain_empty_parameters(self, module: nn.Module) -> None:
-        """A parameter used outside its unit's forward has a storage of 0 bytes then, and
-        torch's error only speaks of storage sizes: add what happened and what to do."""
+        """A parameter used outside its unit's forward is an empty tensor then, and torch's
+        error only speaks of sizes: add what happened and what to do."""
         forward = module.forward
 
         def explained(*args, **kwargs):
@@ -268,9 +273,9 @@ class Zero3:
                 if not freed:
                     raise
                 raise RuntimeError(
-                    f"{exc}\n\nZeRO-3: a unit's parameters hold no memory (a storage of size 0) "
+                    f"{exc}\n\nZeRO-3: a unit's parameters are empty tensors (0 elements) "
                     "except while that unit runs its forward or backward. If the error above "
-                    "involves a storage of size 0, a parameter was used outside its unit, "
+                    "involves a size of 0, a parameter was used outside its unit, "
                     "e.g. read directly by a parent module's forward. Units not running then: "
                     f"{'; '.join(freed)}. Make the module that uses it a unit (units=), or leave "
                     "the parameter to a unit that contains every module using it."
@@ -290,6 +295,8 @@ class Zero3:
         for work in unit.gather_works:
             if work is not None:
                 work.wait()
+        for flat in unit.flats:
+            flat.bind()
         unit.gather_works = []
         unit.gathered = True
 
