@@ -44,7 +44,6 @@ class _Group:
     """Parameters laid out in one flat buffer of which this rank holds [lo, hi)."""
 
     names: list[str]
-    params: list[nn.Parameter]
     layout: FlatLayout
     lo: int
     hi: int
@@ -70,7 +69,6 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
         return [
             _Group(
                 [n for n, _ in f.params],
-                [p for _, p in f.params],
                 f.layout,
                 f.lo,
                 f.hi,
@@ -88,7 +86,6 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
         groups.append(
             _Group(
                 [n for n, _ in bucket.params],
-                [p for _, p in bucket.params],
                 bucket.layout,
                 bucket.lo,
                 bucket.hi,
@@ -115,7 +112,6 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
         groups.append(
             _Group(
                 [names[id(p)]],
-                [p],
                 layout,
                 0,
                 p.numel(),

@@ -26,6 +26,24 @@ def cluster():
         yield c
 
 
+# The hang and fault-injection tests wait timeouts out on purpose: a short one keeps them quick.
+SHORT_TIMEOUT = 3.0
+
+
+@pytest.fixture(scope="module")
+def short_cluster():
+    with dzl.LiveCluster(world_size=2, timeout=SHORT_TIMEOUT, grace=0.5) as c:
+        yield c
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"N{n}")
+def ncluster(request):
+    """One cluster of 2, then one of 3 ranks: the equivalence tests' world sizes (3 divides
+    none of their parameter sizes)."""
+    with dzl.LiveCluster(request.param, timeout=30.0) as cluster:
+        yield cluster
+
+
 def alive(pid: int) -> bool:
     """True if pid names a running process (a zombie counts as gone)."""
     import psutil

@@ -13,22 +13,21 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import alive
+from conftest import SHORT_TIMEOUT, alive
 from torch import nn
 
 import ddpzero_lab as dzl
 from ddpzero_lab import comm, faults, telemetry
 from ddpzero_lab.comm import collectives
 
-TIMEOUT = 3.0
+TIMEOUT = SHORT_TIMEOUT
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with dzl.LiveCluster(world_size=2, timeout=TIMEOUT, grace=0.5) as c:
-        yield c
+def cluster(short_cluster):
+    return short_cluster
 
 
 def _train(steps=6, arm=None, width=64, batch=64):

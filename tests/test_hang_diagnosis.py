@@ -15,21 +15,20 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import alive
+from conftest import SHORT_TIMEOUT, alive
 
 import ddpzero_lab as dzl
 from ddpzero_lab import comm
 from ddpzero_lab.cluster import flight
 
-TIMEOUT = 3.0
+TIMEOUT = SHORT_TIMEOUT
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with dzl.LiveCluster(world_size=2, timeout=TIMEOUT, grace=0.5) as c:
-        yield c
+def cluster(short_cluster):
+    return short_cluster
 
 
 def _gone(pids, seconds=5.0) -> bool:

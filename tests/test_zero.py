@@ -20,12 +20,6 @@ import ddpzero_lab as dzl
 STEPS, LOCAL_BATCH = 3, 4
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"N{n}")
-def ncluster(request):
-    with dzl.LiveCluster(request.param, timeout=20.0) as cluster:
-        yield cluster
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize(
     "strategy,options",

@@ -369,18 +369,9 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         for bucket in self.buckets:  # the updated slices, to every rank
             mine = bucket.local.detach().clone()  # the input must not alias the output
             comm.all_gather(bucket.flat, mine, group=self.group, tag=f"params{bucket.index}")
-        done = time.time()
         # stage 1 communicates inside step(); stage 2 partly during backward (exposed: the
         # wait after it) and all-gathers in step()
-        telemetry.emit(
-            "step",
-            step=self._steps,
-            compute_s=backward_end - self._forward_at,
-            comm_s=(done - start) + exposed,
-            exposed_comm_s=(done - start) + exposed,
-            forward_start=self._forward_at,
-            backward_end=backward_end,
-        )
+        emit_step(self._steps, self._forward_at, backward_end, start, exposed)
         self._steps += 1
         self._backward_end = None
         return None
@@ -431,6 +422,24 @@ def gather_flats(flats, group=None) -> dict[int, torch.Tensor]:
         for (_, p), view in zip(params, layout.views(full), strict=True):
             values[id(p)] = view.clone()
     return values
+
+
+def emit_step(
+    step: int, forward_at: float, backward_end: float, step_start: float, exposed_s: float
+) -> None:
+    """The `step` event of a ZeRO optimizer: compute from forward to the end of backward;
+    communication is what step() took plus what backward left waiting (`exposed_s`), all of
+    it exposed (nothing overlaps step())."""
+    comm_s = (time.time() - step_start) + exposed_s
+    telemetry.emit(
+        "step",
+        step=step,
+        compute_s=backward_end - forward_at,
+        comm_s=comm_s,
+        exposed_comm_s=comm_s,
+        forward_start=forward_at,
+        backward_end=backward_end,
+    )
 
 
 def keep_unused(groups, group=None) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -35,12 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import comm, telemetry
+from .. import comm
 from .ddp import broadcast_state, check_same_model
 from .flat import FlatLayout, emit_shard_map
 from .precision import cast_at_edges, check_precision
 from .wrapper import WrappedOptimizer
-from .zero import ShardedOptimizerState, clip_grads_, gather_flats, keep_unused
+from .zero import ShardedOptimizerState, clip_grads_, emit_step, gather_flats, keep_unused
 
 UnitPolicy = Callable[[str, nn.Module], bool]
 
@@ -96,10 +96,6 @@ class _Flat:
         self.used: set[int] = set()
         self.free()
 
-    @property
-    def gathered(self) -> bool:
-        return self.full.untyped_storage().nbytes() > 0
-
     def begin_gather(self, group, async_op: bool):
         self.full.untyped_storage().resize_(self._nbytes)  # the same storage, memory again
         return comm.all_gather(
@@ -137,7 +133,6 @@ class _Unit:
         self.gathered = False
         self.gather_works: list = []
         self.pending = 0  # trainable parameters whose gradient is not in yet
-        self.launched = False
 
 
 class Zero3:
@@ -180,6 +175,7 @@ class Zero3:
         self._steps = 0
         self._forward_at = time.time()
         self._backward_end: float | None = None
+        self._exposed_s = 0.0  # what the last backward left waiting for reduce-scatters
         self._handles = []
         self._where: dict[int, tuple[_Unit, _Flat, int]] = {}
         for unit in self.units:
@@ -355,7 +351,6 @@ class Zero3:
                 self._backward_end = None
                 for u in self.units:
                     u.pending = sum(len(f.params) for f in u.trainable)
-                    u.launched = False
                 torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             self._ensure(unit)
             self._prefetch_after(unit, -1)
@@ -408,7 +403,6 @@ class Zero3:
                 ),
                 shard,
             )
-        unit.launched = True
         # Every use of its trainable parameters is behind us (each use feeds their gradient):
         # they can go. Frozen ones may still be needed for the gradient of the unit's input,
         # and are freed at the end of backward.
@@ -507,18 +501,8 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
             if flat.local is not flat.master:
                 flat.local.copy_(flat.master)  # the bf16 shard the next gathers send
                 flat.master.grad = None  # the fp32 gradient lives only inside step()
-        done = time.time()
         backward_end = engine._backward_end or start
-        exposed = getattr(engine, "_exposed_s", 0.0)
-        telemetry.emit(
-            "step",
-            step=engine._steps,
-            compute_s=backward_end - engine._forward_at,
-            comm_s=(done - start) + exposed,
-            exposed_comm_s=(done - start) + exposed,
-            forward_start=engine._forward_at,
-            backward_end=backward_end,
-        )
+        emit_step(engine._steps, engine._forward_at, backward_end, start, engine._exposed_s)
         engine._steps += 1
         return None
 
