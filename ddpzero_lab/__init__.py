@@ -5,7 +5,7 @@ This module only re-exports the public API (DESIGN.md §3).
 
 from . import faults
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, world_size
+from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, state, world_size
 from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
 from .parallel import DDP, ZeroOptimizer, full_state_dict, parallelize
@@ -36,6 +36,7 @@ __all__ = [
     "reset_traffic",
     "traffic",
     "rank",
+    "state",
     "world_size",
     "zero_memory_estimate",
 ]

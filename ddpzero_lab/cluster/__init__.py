@@ -1,7 +1,7 @@
 """The live cluster: persistent torch.distributed workers (see cluster.py)."""
 
 from .cluster import Job, LiveCluster
-from .context import device, in_worker, rank, world_size
+from .context import RankState, device, in_worker, rank, state, world_size
 from .errors import ClusterError, RankError, RankFailure
 
 __all__ = [
@@ -10,8 +10,10 @@ __all__ = [
     "LiveCluster",
     "RankError",
     "RankFailure",
+    "RankState",
     "device",
     "in_worker",
     "rank",
+    "state",
     "world_size",
 ]

@@ -1,4 +1,5 @@
-"""Who am I? The rank-side context: rank(), world_size(), device().
+"""Who am I? The rank-side context: rank(), world_size(), device(), and `state`, a per-rank
+namespace that keeps objects between jobs.
 
 Inside a LiveCluster worker the values come from the cluster. Elsewhere they come from an
 initialised torch.distributed process group (torchrun) and LOCAL_RANK, and a plain process is
@@ -84,5 +85,42 @@ def device() -> torch.device:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return torch.device("cpu")
 
+
+class RankState:
+    """A namespace that lives in one process: in a LiveCluster worker it keeps a model, a batch
+    or an optimizer from one `cluster.run` to the next, so a notebook can step across cells
+    (forward in one cell, look at rank 1's buckets in the next, backward in a third).
+
+        def setup():
+            dzl.state.model = dzl.DDP(make_model())
+        cluster.run(setup)
+        cluster.run(lambda: dzl.state.model.module[0].weight.norm().item())
+
+    Each rank has its own: nothing is shared or sent. The parent process has one too, unrelated
+    to the ranks'. It is emptied when the cluster restarts (the worker processes are new).
+    """
+
+    def __getattr__(self, name: str):
+        # only reached for a missing attribute: say what is there instead of a bare AttributeError
+        if name.startswith("__"):
+            raise AttributeError(name)
+        held = ", ".join(sorted(vars(self))) or "nothing yet"
+        raise AttributeError(
+            f"dzl.state has no {name!r} on rank {rank()}: set it in an earlier job "
+            f"(dzl.state.{name} = ...); it holds {held}. A cluster restart empties it."
+        )
+
+    def clear(self) -> None:
+        """Forget everything held here."""
+        vars(self).clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in vars(self)
+
+    def __repr__(self) -> str:
+        return f"dzl.state(rank {rank()}: {', '.join(sorted(vars(self))) or 'empty'})"
+
+
+state = RankState()
 
 telemetry.set_rank_source(rank)

@@ -118,6 +118,31 @@ class RankError(ClusterError):
         self.ranks = causes or [r for r, f in self.failures.items() if f.kind != "cancelled"]
         super().__init__(self._format())
 
+    def short(self) -> str:
+        """A few lines: which ranks failed and why, without the tracebacks."""
+        failed = [r for r, f in self.failures.items() if f.kind != "cancelled"]
+        lines = [
+            f"{self.job_name} failed on rank{'s' if len(failed) != 1 else ''} "
+            f"{', '.join(map(str, failed))} of {self.world_size}"
+        ]
+        ordered = sorted(self.failures.values(), key=lambda f: (f.rank not in self.ranks, f.rank))
+        for failure in ordered:
+            if failure.kind != "cancelled":
+                summary = failure.summary().splitlines()[0] if failure.summary() else ""
+                cause = "" if failure.rank in self.ranks else " (a consequence)"
+                lines.append(f"  rank {failure.rank}: {summary[:200]}{cause}")
+        if self.restarted:
+            lines.append("  the cluster replaced its workers; it is ready for the next job")
+        return "\n".join(lines)
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: a planned failure in a notebook reads as a
+        # short report; the full one (every rank's traceback, the flight report) stays on demand.
+        return [
+            f"\x1b[31mRankError\x1b[0m: {self.short()}",
+            "  (every rank's full traceback: print(sys.last_value) in the next cell)",
+        ]
+
     def _format(self) -> str:
         failed = [r for r, f in self.failures.items() if f.kind != "cancelled"]
         lines = [
