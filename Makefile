@@ -1,6 +1,7 @@
 # ddpzero_lab: two commands.
 #   make lab    set up .venv if needed, open JupyterLab on notebooks/
 #   make test   set up .venv if needed, run tests/ and execute every notebook (smoke sizes)
+#   make book   the course as a static site (build/book/_build/html), from executed notebooks
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.ddpzero-installed
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: lab test venv lint format bench clean
+.PHONY: lab test venv lint format bench clean book screenshot words
 
 venv: $(STAMP)
 
@@ -29,9 +30,24 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS)
 
-# One pytest run: the unit and fault tests, then every notebook under nbval in smoke mode.
+# One pytest run: the unit and fault tests, then every notebook run as Run All does, with the
+# exercises' solutions (each self-check must PASS) and as shipped (each must FAIL), in smoke
+# sizes; the executed notebooks become the static site, which a browser then opens.
 test: $(STAMP)
-	DDPZERO_SMOKE=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env $(PYTEST_ARGS)
+	$(BIN)/python scripts/course_words.py --check
+	DDPZERO_SMOKE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+words: $(STAMP)
+	$(BIN)/python scripts/course_words.py
+
+# The site: notebooks executed in smoke mode with the solutions (reused from `make test` when
+# build/executed/ is newer than the notebooks), then jupyter-book, offline.
+book: $(STAMP)
+	$(BIN)/python scripts/build_book.py
+
+# The README's picture of the dashboard, from a real browser (needs Chromium).
+screenshot: $(STAMP)
+	$(BIN)/python scripts/refresh_screenshot.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

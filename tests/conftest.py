@@ -12,7 +12,7 @@ import pytest
 
 import ddpzero_lab as dzl
 
-# The browser test opens this notebook in JupyterLab itself; nbval need not run it again.
+# The browser test opens this notebook in JupyterLab itself; nothing else collects it.
 collect_ignore_glob = ["browser/*.ipynb"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
