@@ -1,17 +1,21 @@
 """Dashboard: live panels of a run (memory, shards, traffic, timeline, loss) in a notebook.
 
 This module owns the Dashboard object: it consumes events (the cluster's consumer thread
-calls `on_event`, which only folds them into a `DashboardState`), and one drawing thread renders
-each panel with matplotlib's object API into its own PNG, shown by an ipywidgets Image. Only
-panels whose data changed are redrawn, at most every `refresh_s` seconds, and never more often
-than keeps the drawing under `max_duty` of one core. The drawing thread runs at the lowest CPU
-priority (Linux), so that on a machine with no spare core it takes the time the ranks leave
-idle rather than time from their steps. Neither thread prints. `from_events` replays a recorded
-run without a cluster.
+calls `on_event`, which only folds them into a `DashboardState`), and a drawing thread renders
+each panel with matplotlib's object API into its own PNG, shown by an ipywidgets Image at twice
+its CSS size in pixels (crisp on a high-density screen). Only panels whose data changed are
+redrawn, at most every `refresh_s` seconds, and never more often than keeps the drawing under
+`max_duty` of one core. The drawing thread runs at the lowest CPU priority (Linux SCHED_IDLE),
+so that on a machine with no spare core it takes the time the ranks leave idle rather than time
+from their steps. It lives as long as a job: when the job ends it draws one last frame with
+axes fitted to the data and ends (`close()` ends it too). Neither thread prints. `from_events`
+replays a recorded run without a cluster.
 
-In a notebook run headless (nbval, nbconvert) widgets are not rendered, so the display also
-carries a plain PNG of all panels, refreshed from the notebook's own thread when the job ends:
-the final picture is in the saved notebook.
+In a notebook run headless (nbclient, nbval, nbconvert) widgets are not rendered, so the
+display also carries a plain PNG of all panels under a display_id; when `run`/`wait` returns,
+the notebook's own thread replaces that display with the final picture (image/png and
+text/plain), so the saved notebook, and a static site built from it, show the run. The next job
+shows the live widget again.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +39,16 @@ from .state import DashboardState, load_events
 PANELS = ("memory", "shards", "traffic", "timeline", "loss")
 _ROW_HEIGHT_IN = 2.3
 _ids = itertools.count(1)
+# A drawing thread with nothing to draw for this long ends (a job that never reports its end
+# must not keep one alive); the next event starts another.
+IDLE_EXIT_S = 10.0
+_TICK_PT = 7.5
 
 
 def _draw_panel(fig, spec, panel: str, snap: dict[str, Any]) -> Any:
     """Draw one panel into the grid cell `spec` of `fig`; returns what it drew."""
     if panel == "shards":
-        sub = spec.subgridspec(1, 3, wspace=0.25)
+        sub = spec.subgridspec(1, 3, wspace=0.3)
         axes = [fig.add_subplot(sub[0, col]) for col in range(3)]
     else:
         axes = [fig.add_subplot(spec)]
@@ -60,26 +70,82 @@ def _draw_on(axes, panel: str, snap: dict[str, Any], legend: bool = True) -> Any
 
 def _tidy(fig) -> None:
     for ax in fig.axes:  # every tick is several artists: few ticks, quick frames
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=_TICK_PT)
 
 
 def _lowest_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: nice is per thread)."""
+    """Give the calling thread the lowest CPU priority there is (Linux: scheduling policy and
+    nice value are per thread): SCHED_IDLE runs only when no other thread wants the core."""
     import os
 
+    tid = threading.get_native_id()
     try:
-        os.setpriority(
-            os.PRIO_PROCESS, threading.get_native_id(), int(os.environ.get("DZL_NICE", "19"))
-        )
-    except (AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, int(os.environ.get("DZL_NICE", "19")))
+    except (AttributeError, OSError, ValueError):
         pass  # elsewhere the drawing runs at normal priority; max_duty still bounds it
+    if os.environ.get("DZL_SCHED_IDLE", "1") != "0":
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
 
 
 def _png(fig) -> bytes:
-    """The whole picture, drawn tight (legends included): the saved notebook's fallback."""
+    """The whole picture, drawn tight (legends included): the saved notebook's picture."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) in pixels of a PNG, from its header."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG")
+    return struct.unpack(">II", data[16:24])
+
+
+class _Drawer:
+    """One drawing thread and its signals. It holds its Dashboard weakly, so that a dashboard
+    nobody holds any more is collected, and the thread ends, even mid-job."""
+
+    def __init__(self, dash: Dashboard) -> None:
+        self.wake = threading.Event()  # news to draw
+        self.finish = threading.Event()  # the job ended: last frame, then end
+        self.thread = threading.Thread(
+            target=_draw_loop, args=(weakref.ref(dash), self), name="ddpzero-dashboard", daemon=True
+        )
+
+
+def _draw_loop(ref, drawer: _Drawer) -> None:
+    """The drawing thread: a frame whenever there is news, spaced by refresh_s and max_duty;
+    one fitted frame and the end when the job ends. It sets widget state only."""
+    _lowest_priority()
+    while True:
+        woke = drawer.wake.wait(IDLE_EXIT_S)
+        dash = ref()
+        if dash is None:
+            return
+        if drawer.finish.is_set():
+            dash._render_quietly(final=True)
+            return
+        if not woke:
+            with dash._drawer_lock:
+                if not drawer.wake.is_set():  # on_event wakes under this lock: none is lost
+                    if dash._drawer is drawer:
+                        dash._drawer = None
+                    return
+        drawer.wake.clear()
+        delay = dash._next_frame - time.monotonic()
+        del dash  # not held while waiting
+        if delay > 0:
+            drawer.finish.wait(delay)  # the job's end cuts the wait short
+        dash = ref()
+        if dash is None:
+            return
+        dash._render_quietly(final=drawer.finish.is_set())
+        if drawer.finish.is_set():
+            return
+        del dash
 
 
 class Dashboard:
@@ -89,15 +155,19 @@ class Dashboard:
     refresh_s: the shortest time between two frames while events arrive.
     max_duty: the largest share of one core the drawing may take (frames are spaced out to
         stay under it).
+    width_in, dpi: each panel's size in inches and CSS pixels per inch (shown width_in x dpi
+        CSS pixels wide); pixel_ratio: device pixels per CSS pixel the PNGs are drawn with
+        (2: as crisp as a "retina" matplotlib figure).
     """
 
     def __init__(
         self,
         panels: Sequence[str] = PANELS,
-        refresh_s: float = 0.4,
-        max_duty: float = 0.2,
+        refresh_s: float = 0.5,
+        max_duty: float = 0.15,
         width_in: float = 10.0,
-        dpi: int = 64,
+        dpi: int = 80,
+        pixel_ratio: float = 2.0,
     ) -> None:
         panels = tuple(panels)
         unknown = [p for p in panels if p not in PANELS]
@@ -105,27 +175,38 @@ class Dashboard:
             raise ValueError(f"panels must be a non-empty selection of {PANELS}, got {panels}")
         if len(set(panels)) != len(panels):
             raise ValueError(f"panels must not repeat, got {panels}")
-        for name, value in (("refresh_s", refresh_s), ("max_duty", max_duty)):
+        for name, value in (
+            ("refresh_s", refresh_s),
+            ("max_duty", max_duty),
+            ("width_in", width_in),
+            ("dpi", dpi),
+            ("pixel_ratio", pixel_ratio),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         self.panels = panels
         self.refresh_s = float(refresh_s)
         self.max_duty = float(max_duty)
         self.width_in = float(width_in)
-        self.dpi = int(dpi)
+        self.dpi = float(dpi)
+        self.pixel_ratio = float(pixel_ratio)
         self.state = DashboardState()
         self.frames = 0  # how many times panels were redrawn
         self.render_errors = 0
         self.render_seconds = 0.0  # CPU seconds spent drawing: the dashboard's own cost
         self.drawn: dict[str, Any] = {}  # what each panel drew last, for tests and lessons
+        self.status = "waiting for a job"  # the status line's text
+        self.closed = False
         self._panel_png: dict[str, bytes] = {}
         self._canvases: dict[str, PanelCanvas] = {}
-        self._drawn_versions: dict[str, int] = {}
-        self._png = b""  # all panels in one picture (the plain fallback)
+        self._drawn_versions: dict[str, tuple] = {}
+        self._png = b""  # all panels in one picture (the saved notebook's picture)
         self._render_lock = threading.Lock()
+        self._drawer_lock = threading.Lock()
         self._next_frame = 0.0
-        self._wake = threading.Event()
-        self._drawer: threading.Thread | None = None
+        self._drawer: _Drawer | None = None
+        self._job: tuple[int, str] | None = None
+        self._job_running = False
         self._widget = None
         self._images: dict[str, Any] = {}
         self._status = None
@@ -138,68 +219,95 @@ class Dashboard:
             f"frames={self.frames})"
         )
 
+    @property
+    def css_width(self) -> int:
+        """A panel's width on the page, in CSS pixels."""
+        return round(self.width_in * self.dpi)
+
     # -- the consumer interface (called on the cluster's consumer thread) -------------------
     def on_event(self, event: Event) -> None:
         self.state.update(event)
-        self._wake.set()
-        if self._drawer is None:
-            self._drawer = threading.Thread(
-                target=self._draw_loop, name="ddpzero-dashboard", daemon=True
-            )
-            self._drawer.start()
+        with self._drawer_lock:
+            drawer = self._drawer
+            if drawer is None:
+                if self.closed:
+                    return
+                drawer = self._drawer = _Drawer(self)
+                drawer.thread.start()
+            drawer.wake.set()
 
-    def _draw_loop(self) -> None:
-        """The drawing thread: a frame whenever there is news, spaced by refresh_s and
-        max_duty. It sets widget state only."""
-        _lowest_priority()
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            delay = self._next_frame - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            try:
-                self.render()
-            except Exception:  # noqa: BLE001 - a drawing bug must not end the thread
-                self.render_errors += 1
+    def _render_quietly(self, final: bool = False) -> None:
+        try:
+            self.render(final=final)
+        except Exception:  # noqa: BLE001 - a drawing bug must not end the job's frames
+            self.render_errors += 1
+
+    def _stop_drawer(self) -> _Drawer | None:
+        """Ask the drawing thread to draw its last, fitted frame and end."""
+        with self._drawer_lock:
+            drawer, self._drawer = self._drawer, None
+        if drawer is not None:
+            drawer.finish.set()
+            drawer.wake.set()
+        return drawer
 
     def on_submit(self) -> None:
         """Build the panels' figures and backgrounds now, in the caller's thread, so that the
-        first frame while the ranks run is as cheap as the others."""
+        first frame while the ranks run is as cheap as the others; show the live widget again
+        where the last job's end left a still picture."""
+        self.closed = False
         self.render()
+        if self._displayed and self._widget is not None:
+            self._update_display(self._bundle(live=True))
 
     def on_job_start(self, job) -> None:
-        self._set_status(f"job {job.id} ({job.name}) running")
+        self._job = (job.id, job.name)
+        self._job_running = True
+        self._set_status()
 
     def on_job_end(self, job) -> None:
-        self._wake.set()
-        self._set_status(f"job {job.id} ({job.name}) finished")
+        self._job_running = False
+        if self._stop_drawer() is None:  # no thread (no events): the caller's wait draws
+            self._set_status()
 
     def on_wait_end(self, job) -> None:
-        """Called in the notebook's own thread when `run`/`wait` returns: refresh the plain
-        PNG of the display so that a headless run saves the final picture."""
-        self.render()
+        """Called in the notebook's own thread when `run`/`wait` returns: the last frame with
+        fitted axes, and the display replaced by the final picture (image/png), so that a
+        headless run saves it."""
+        self._job_running = False
+        drawer = self._stop_drawer()
+        if drawer is not None and drawer.thread.is_alive():
+            drawer.thread.join(timeout=10.0)
+        self.render(final=True)
         self._png = _png(self.figure())
         if self._displayed:
-            try:
-                from IPython.display import update_display
+            self._update_display(self._bundle(live=False))
 
-                update_display(self._bundle(), raw=True, display_id=self._display_id)
-            except Exception:  # noqa: BLE001 - not in IPython: nothing to update
-                pass
+    def close(self) -> None:
+        """End the drawing thread now and close the widgets (the figures go with the
+        dashboard). A later job starts a new drawing thread."""
+        self.closed = True
+        drawer = self._stop_drawer()
+        if drawer is not None and drawer.thread.is_alive():
+            drawer.thread.join(timeout=10.0)
+        for widget in [*self._images.values(), self._status, self._widget]:
+            if widget is not None:
+                widget.close()
+        self._widget, self._status, self._images = None, None, {}
 
     # -- drawing ----------------------------------------------------------------------------
     def feed(self, events: Iterable[Event]) -> Dashboard:
-        """Fold events in without a cluster (replay, tests), then draw."""
+        """Fold events in without a cluster (replay, tests), then draw (axes fitted)."""
         for event in events:
             self.state.update(event)
-        self.render()
+        self.render(final=True)
         self._png = _png(self.figure())
         return self
 
-    def render(self) -> dict[str, bytes]:
-        """Redraw the panels whose data changed; update their widgets; return all panels'
-        PNGs. Schedules the next frame so that drawing stays under max_duty."""
+    def render(self, final: bool = False) -> dict[str, bytes]:
+        """Redraw the panels whose data changed; update their widgets and the status line;
+        return all panels' PNGs. Schedules the next frame so that drawing stays under max_duty.
+        final: axes fitted to the data (the last frame of a job) rather than live limits."""
         from matplotlib.figure import Figure
 
         with self._render_lock:
@@ -208,16 +316,18 @@ class Dashboard:
             start, began = time.thread_time(), time.monotonic()
             snap = self.state.snapshot()
             for panel in self.panels:
-                version = snap["versions"][panel]
+                version = (self._content(panel, snap), final)
                 if self._drawn_versions.get(panel) == version and panel in self._panel_png:
                     continue
                 canvas = self._panel_canvas(panel, Figure)
                 self.drawn[panel], self._panel_png[panel] = canvas.frame(
-                    lambda axes, legend, panel=panel: _draw_on(axes, panel, snap, legend)
+                    lambda axes, legend, panel=panel: _draw_on(axes, panel, snap, legend),
+                    fit=final,
                 )
                 self._drawn_versions[panel] = version
                 if panel in self._images:
                     self._images[panel].value = self._panel_png[panel]  # widget state only
+            self._set_status(snap)
             cost = time.thread_time() - start
             self.frames += 1
             self.render_seconds += cost
@@ -225,45 +335,52 @@ class Dashboard:
             self._next_frame = began + max(self.refresh_s, cost / self.max_duty)
             return dict(self._panel_png)
 
+    @staticmethod
+    def _content(panel: str, snap: dict[str, Any]) -> Any:
+        """What decides a panel's picture: its version, or for the panels that a step
+        usually leaves as they were (memory, shards), the data itself."""
+        if panel == "memory":
+            return (snap["memory"], snap["peak"], snap["expected_memory"])
+        if panel == "shards":
+            return snap["versions"]["shards"]
+        return snap["versions"][panel]
+
     def _panel_canvas(self, panel: str, figure_class) -> PanelCanvas:
         """The panel's own Figure, Axes and canvas, made once and reused: building axes (their
         ticks above all) costs more than drawing them, so frames only swap the artists."""
         if panel not in self._canvases:
-            fig = figure_class(figsize=(self.width_in, _ROW_HEIGHT_IN), dpi=self.dpi)
-            grid = fig.add_gridspec(
-                1,
-                3 if panel == "shards" else 1,
-                left=0.08,
-                right=0.88,
-                top=0.86,
-                bottom=0.2,
-                wspace=0.25,
+            fig = figure_class(
+                figsize=(self.width_in, _ROW_HEIGHT_IN), dpi=self.dpi * self.pixel_ratio
             )
             count = 3 if panel == "shards" else 1
+            grid = fig.add_gridspec(
+                1, count, left=0.08, right=0.84, top=0.86, bottom=0.2, wspace=0.3
+            )
             axes = [fig.add_subplot(grid[0, i]) for i in range(count)]
             for ax in axes:
-                ax.tick_params(labelsize=7)
+                ax.tick_params(labelsize=_TICK_PT)
             self._canvases[panel] = PanelCanvas(fig, axes, sticky=panel != "shards")
         return self._canvases[panel]
 
     def figure(self):
-        """All panels in one new matplotlib Figure (object API; no pyplot state)."""
+        """All panels in one new matplotlib Figure (object API; no pyplot state), axes fitted
+        to the data."""
         from matplotlib.figure import Figure
 
         snap = self.state.snapshot()
         rows = len(self.panels)
-        fig = Figure(figsize=(self.width_in, _ROW_HEIGHT_IN * rows), dpi=self.dpi)
+        fig = Figure(
+            figsize=(self.width_in, _ROW_HEIGHT_IN * rows), dpi=self.dpi * self.pixel_ratio
+        )
         grid = fig.add_gridspec(
-            rows, 1, left=0.08, right=0.98, top=1 - 0.35 / rows, bottom=0.3 / rows, hspace=0.6
+            rows, 1, left=0.08, right=0.84, top=1 - 0.35 / rows, bottom=0.3 / rows, hspace=0.6
         )
         drawn = {
             panel: _draw_panel(fig, grid[row, 0], panel, snap)
             for row, panel in enumerate(self.panels)
         }
         _tidy(fig)
-        fig.suptitle(
-            f"ddpzero_lab · ranks {snap['ranks']} · {snap['events_seen']} events", fontsize=9
-        )
+        fig.suptitle(f"ddpzero_lab · ranks {snap['ranks']} · {self._status_text(snap)}", fontsize=9)
         self.drawn.update(drawn)
         return fig
 
@@ -279,6 +396,22 @@ class Dashboard:
         an iterable of events."""
         return cls(**kwargs).feed(load_events(source))
 
+    # -- the status line ------------------------------------------------------------------------
+    def _status_text(self, snap: dict[str, Any]) -> str:
+        steps = max(snap["steps"].values(), default=0)
+        losses = [len(v) for v in snap["losses"].values()]
+        steps = max(steps, max(losses, default=0))
+        counts = f"{steps} steps · {snap['events_seen']} events"
+        if self._job is None:
+            return counts if snap["events_seen"] else "waiting for a job"
+        job_id, name = self._job
+        return f"job {job_id} ({name}) {'running' if self._job_running else 'finished'} · {counts}"
+
+    def _set_status(self, snap: dict[str, Any] | None = None) -> None:
+        self.status = self._status_text(snap if snap is not None else self.state.snapshot())
+        if self._status is not None:
+            self._status.value = f"<b>{self.status}</b>"  # widget state only
+
     # -- display --------------------------------------------------------------------------------
     def _ensure_widget(self) -> None:
         if self._widget is not None:
@@ -288,18 +421,13 @@ class Dashboard:
         except ImportError:
             return
         pngs = self.render()
+        layout = {"width": f"{self.css_width}px", "max_width": "100%", "height": "auto"}
         self._images = {
-            panel: ipywidgets.Image(
-                format="png", value=pngs[panel], layout=ipywidgets.Layout(width="100%")
-            )
+            panel: ipywidgets.Image(format="png", value=pngs[panel], layout=dict(layout))
             for panel in self.panels
         }
-        self._status = ipywidgets.HTML(value="<i>waiting for a job</i>")
+        self._status = ipywidgets.HTML(value=f"<b>{self.status}</b>")
         self._widget = ipywidgets.VBox([self._status, *self._images.values()])
-
-    def _set_status(self, text: str) -> None:
-        if self._status is not None:
-            self._status.value = f"<b>{text}</b> · {self.state.events_seen} events"
 
     @property
     def widget(self):
@@ -307,24 +435,41 @@ class Dashboard:
         self._ensure_widget()
         return self._widget
 
-    def _bundle(self) -> dict[str, Any]:
+    def _bundle(self, live: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The display's data and metadata: the picture as image/png (shown at its CSS size)
+        and text/plain, plus the widget's view while `live`."""
         if not self._png:
             self._png = _png(self.figure())
-        bundle: dict[str, Any] = {
+        width, _ = png_size(self._png)
+        data: dict[str, Any] = {
             "text/plain": repr(self),
             "image/png": base64.b64encode(self._png).decode("ascii"),
         }
-        if self._widget is not None:
-            bundle["application/vnd.jupyter.widget-view+json"] = {
+        if live and self._widget is not None:
+            data["application/vnd.jupyter.widget-view+json"] = {
                 "model_id": self._widget.model_id,
                 "version_major": 2,
                 "version_minor": 0,
             }
-        return bundle
+        return data, {"image/png": {"width": round(width / self.pixel_ratio)}}
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        self._ensure_widget()
+        return self._bundle(live=True)
+
+    def _update_display(self, bundle: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        try:
+            from IPython.display import update_display
+
+            data, metadata = bundle
+            update_display(data, metadata=metadata, raw=True, display_id=self._display_id)
+        except Exception:  # noqa: BLE001 - not in IPython: nothing to update
+            pass
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
         self._ensure_widget()
-        display(self._bundle(), raw=True, display_id=self._display_id)
+        data, metadata = self._bundle(live=True)
+        display(data, metadata=metadata, raw=True, display_id=self._display_id)
         self._displayed = True

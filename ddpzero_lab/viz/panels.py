@@ -85,7 +85,14 @@ def add_legend(ax, show: bool = True) -> None:
     handles = [a for a in [*ax.lines, *ax.collections] if not a.get_label().startswith("_")]
     ax._ddpzero_legend = tuple(h.get_label() for h in handles)
     if show and handles:
-        ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.legend(
+            handles=handles,
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+            frameon=False,
+            handlelength=1.5,
+        )
 
 
 def legend_labels(ax) -> tuple[str, ...]:
@@ -173,9 +180,38 @@ def shard_image(entries: list[dict], kind: str, world_size: int, width: int = 12
     return image
 
 
+SHARD_KEY_REPLICATED = "every rank (replicated)"
+SHARD_KEY_NOBODY = "no rank"
+SHARD_KEY_GATHERED = "gathered for fwd/bwd,\nfreed after use"
+
+
+def shard_legend(images: dict[str, np.ndarray], world_size: int, strategy: str | None):
+    """The shard panel's legend, one entry per colour (and pattern) the maps show, in order:
+    [(label, facecolor, hatch)]. ZeRO-3's parameters are sharded at rest, all-gathered for
+    their unit's forward and backward and freed right after (ZeRO paper, P_os+g+p): the
+    parameter map is hatched for that."""
+    shown = set()
+    for image in images.values():
+        shown.update(np.unique(image).tolist())
+    entries = []
+    if -1 in shown:
+        entries.append((SHARD_KEY_REPLICATED, EVERY_RANK_COLOR, None))
+    entries += [
+        (f"rank {r}", _rank_color(r), None) for r in range(max(world_size, 1)) if r in shown
+    ]
+    if -2 in shown:
+        entries.append((SHARD_KEY_NOBODY, (1, 1, 1, 1), None))
+    if strategy == "zero3":
+        entries.append((SHARD_KEY_GATHERED, (0.55, 0.55, 0.55, 1), GATHER_HATCH))
+    return entries
+
+
+GATHER_HATCH = "////"
+
+
 def draw_shards(axes, snap: dict[str, Any], legend: bool = True) -> dict[str, np.ndarray]:
     """Three maps (optimizer state, gradients, parameters): who owns each slice of each
-    parameter. Returns the images drawn, keyed by kind."""
+    parameter, with a legend for every colour. Returns the images drawn, keyed by kind."""
     shard_map = snap.get("shard_map")
     kinds = ("optimizer", "grads", "params")
     if not shard_map:
@@ -185,6 +221,7 @@ def draw_shards(axes, snap: dict[str, Any], legend: bool = True) -> dict[str, np
     from matplotlib.colors import ListedColormap
 
     world_size = int(shard_map.get("world_size") or 1)
+    strategy = shard_map.get("strategy")
     entries = list(shard_map.get("params", []))
     colors = [(1, 1, 1, 1), EVERY_RANK_COLOR] + [_rank_color(r) for r in range(world_size)]
     cmap = ListedColormap(colors)
@@ -201,13 +238,41 @@ def draw_shards(axes, snap: dict[str, Any], legend: bool = True) -> dict[str, np
             interpolation="nearest",
             gid=f"shards:{kind}",
         )
-        ax.set_title(f"{kind} ({shard_map.get('strategy')})", fontsize=9, loc="left")
+        ax.set_title(f"{kind} ({strategy})", fontsize=9, loc="left")
         ax.set_xticks([])
         names = [e["name"] for e in entries]
         if len(names) <= 12:
             ax.set_yticks(range(len(names)), names, fontsize=6)
         else:
             ax.set_yticks([])
+    if strategy == "zero3":  # the gather/free cycle of every parameter, over its map
+        rows, cols = drawn["params"].shape
+        ax = axes[kinds.index("params")]
+        ax.add_collection(
+            PolyCollection(
+                [[(-0.5, -0.5), (-0.5, rows - 0.5), (cols - 0.5, rows - 0.5), (cols - 0.5, -0.5)]],
+                facecolors="none",
+                edgecolors="none",
+                hatchcolors=[(1, 1, 1, 0.8)],
+                hatch=GATHER_HATCH,
+                gid="shards:gathered",
+            )
+        )
+    # the legend's entries: empty collections on the last map (the legend sits to its right)
+    for label, color, hatch in shard_legend(drawn, world_size, strategy):
+        axes[-1].add_collection(
+            PolyCollection(
+                [],
+                facecolors=[color],
+                edgecolors=[(0.3, 0.3, 0.3, 1)],
+                hatchcolors=[(1, 1, 1, 0.8)],
+                linewidths=0.5,
+                hatch=hatch,
+                label=label,
+                gid=f"key:{label}",
+            )
+        )
+    add_legend(axes[-1], legend)
     return drawn
 
 

@@ -10,7 +10,11 @@ titles or the legend's entries.
 Axis limits would change with every frame (a growing loss curve, cumulative traffic, the
 timeline's moving window), so a live frame keeps the limits of the frame before while the data
 still fits them well, and otherwise takes new ones with some headroom: the background is redrawn
-a few times a run, not every frame.
+a few times a run, not every frame. When the job ends, one last frame is drawn with limits fitted
+to the data (`frame(..., fit=True)`), so that the picture left on the page has no empty headroom.
+
+Figures are drawn at a device-pixel ratio of 2 (the dashboard's `pixel_ratio`): the PNG has
+twice the CSS pixels of the <img> it is shown in, as matplotlib's own "retina" figures do.
 """
 
 from __future__ import annotations
@@ -47,7 +51,11 @@ def clear(ax) -> None:
 
 
 def data_artists(ax) -> list:
-    return [*ax.lines, *ax.collections, *ax.patches, *ax.images, *ax.texts]
+    """The artists a frame drew, in the order a full draw paints them (by zorder, then in the
+    order they were added), so that a blitted frame layers them as the full draw does."""
+    artists = [*ax.lines, *ax.collections, *ax.patches, *ax.images, *ax.texts]
+    order = {id(a): i for i, a in enumerate(getattr(ax, "_children", artists))}
+    return sorted(artists, key=lambda a: (a.get_zorder(), order.get(id(a), 0)))
 
 
 def sticky_limits(wanted: tuple[float, float], held: tuple[float, float] | None):
@@ -64,13 +72,14 @@ def sticky_limits(wanted: tuple[float, float], held: tuple[float, float] | None)
 
 
 def png(canvas) -> bytes:
-    """The canvas's pixels as PNG, fast compression (a live frame lives for half a second)."""
+    """The canvas's pixels as PNG, fast compression (a live frame lives for half a second).
+    RGB: the figures are opaque, and a quarter fewer bytes are quicker to compress and send."""
     from PIL import Image
 
     width, height = canvas.get_width_height()
     image = Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
     buffer = io.BytesIO()
-    image.save(buffer, format="png", compress_level=1)
+    image.convert("RGB").save(buffer, format="png", compress_level=1)
     return buffer.getvalue()
 
 
@@ -89,14 +98,19 @@ class PanelCanvas:
         self._background = None
         self._limits: dict[tuple[int, str], tuple[float, float]] = {}
 
-    def frame(self, draw: Callable[..., Any]) -> tuple[Any, bytes]:
+    def frame(self, draw: Callable[..., Any], fit: bool = False) -> tuple[Any, bytes]:
         """`draw(axes, legend=...)` puts this frame's artists on the axes; returns what it
-        drew and the frame's PNG."""
+        drew and the frame's PNG. `fit`: limits fitted to the data (matplotlib's own margins),
+        no headroom: the last frame of a job; the next live frame takes new limits."""
         for ax in self.axes:
             clear(ax)
         drawn = draw(self.axes, legend=False)
-        for index, ax in enumerate(self.axes):
-            if self.sticky:
+        if fit:
+            self._limits.clear()
+            for ax in self.axes:
+                ax.autoscale_view()
+        elif self.sticky:
+            for index, ax in enumerate(self.axes):
                 self._stick(index, ax)
         key = tuple(self._layout(ax) for ax in self.axes)
         data = [artist for ax in self.axes for artist in data_artists(ax)]
