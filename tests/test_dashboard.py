@@ -1,9 +1,16 @@
 """The dashboard: each panel draws what a fixed event log says (numbers read back from the
-artists), the live path in a real cluster run, replay from a file, and bad input."""
+artists), the live path in a real cluster run, replay from a file, and bad input; pixel density,
+fitted last frames, the shard legend, the status line, the drawing thread's lifetime, and the
+picture a headless notebook run saves."""
 
 from __future__ import annotations
 
+import base64
+import gc
 import io
+import threading
+import time
+import weakref
 
 import numpy as np
 import pytest
@@ -12,8 +19,8 @@ from torch import nn
 
 import ddpzero_lab as dzl
 from ddpzero_lab.telemetry import EVERY_RANK, Event, shard_map_entry
-from ddpzero_lab.viz.dashboard import _draw_on
-from ddpzero_lab.viz.panels import boxes, shard_image
+from ddpzero_lab.viz.dashboard import _draw_on, png_size
+from ddpzero_lab.viz.panels import SHARD_KEY_GATHERED, SHARD_KEY_REPLICATED, boxes, shard_image
 from ddpzero_lab.viz.render import sticky_limits
 
 MB = 1e6
@@ -273,3 +280,215 @@ def test_a_blitted_frame_equals_the_same_frame_drawn_in_full(panel):
     assert np.array_equal(_pixels(blitted), _pixels(full))
     assert np.array_equal(_pixels(again), _pixels(full))
     assert len(canvas.axes[0].get_yticks()) >= 2  # the empty frame's tick removal is undone
+
+
+class _Job:
+    """What a dashboard reads of a job: its id and name."""
+
+    def __init__(self, job_id: int) -> None:
+        self.id, self.name = job_id, "train"
+
+
+def _steps(count: int, start: int = 0):
+    """`count` more steps of the two-rank log, each a second later than the one before."""
+    events = []
+    for step in range(start, start + count):
+        for e in _log()[1:]:
+            fields = {k: v + step if k in ("start", "end") else v for k, v in e.fields.items()}
+            if "step" in fields:
+                fields["step"] = step
+            events.append(_ev(e.kind, e.rank, e.time + step, **fields))
+    return events
+
+
+def _run_offline(dash, job_id: int, events) -> None:
+    """Drive the consumer interface as a cluster run does: submit, start, events, end, wait."""
+    job = _Job(job_id)
+    dash.on_submit()
+    dash.on_job_start(job)
+    for event in events:
+        dash.on_event(event)
+    dash.on_job_end(job)
+    dash.on_wait_end(job)
+
+
+def test_panels_are_drawn_at_twice_their_css_pixels():
+    dash = dzl.Dashboard(panels=("loss", "shards"), width_in=10, dpi=80).feed(_log())
+    assert dash.css_width == 800
+    for panel, data in dash.render().items():
+        width, height = png_size(data)
+        assert width == 2 * 800, panel  # a device-pixel ratio of 2
+    widget = dash.widget
+    images = [child for child in widget.children if hasattr(child, "format")]
+    assert [image.layout.width for image in images] == ["800px", "800px"]
+    assert png_size(dash.still())[0] == 1600
+    data, metadata = dash._bundle()
+    assert metadata["image/png"]["width"] == 800  # shown at its CSS size
+
+
+def test_the_last_frame_of_a_job_fits_the_data():
+    dash = dzl.Dashboard(panels=("loss", "timeline", "traffic", "memory"))
+    for event in _steps(20):
+        dash.state.update(event)
+    dash.render()  # a live frame: limits with headroom
+    loss_ax = dash._canvases["loss"].axes[0]
+    assert loss_ax.get_xlim()[1] > 25  # 20 steps (0..19) on a longer axis
+    dash.render(final=True)
+    lo, hi = loss_ax.get_xlim()
+    assert -2 <= lo <= 0 and 19 <= hi <= 21  # matplotlib's margins, no headroom
+    y_lo, y_hi = loss_ax.get_ylim()
+    assert 0.8 <= y_lo <= 1.0 and 3.0 <= y_hi <= 3.2  # losses 1..3
+    t_lo, t_hi = dash._canvases["timeline"].axes[0].get_xlim()
+    last = max(end for *_, end in dash.drawn["timeline"])
+    assert t_hi == pytest.approx(last, rel=0.02)
+    sent = dash._canvases["traffic"].axes[0].get_ylim()[1] * MB
+    assert sent <= 1.15 * max(dash.drawn["traffic"].values(), default=0) + 1e-9 or sent <= (
+        1.15 * max(dash.state.snapshot()["expected_sent_per_step"].values()) * 20
+    )
+    memory_top = dash._canvases["memory"].axes[0].get_ylim()[1] * MB
+    tallest = max(sum(parts.values()) for parts in dash.drawn["memory"].values())
+    assert memory_top <= 1.15 * tallest
+
+
+def test_the_shard_legend_names_every_colour():
+    dash = dzl.Dashboard(panels=("shards",)).feed(_log())
+    fig = dash.figure()
+    legend = fig.axes[-1].get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == [SHARD_KEY_REPLICATED, "rank 0", "rank 1"]
+    # ZeRO-3: parameters gathered for forward/backward and freed after, hatched over the map
+    events = _log()
+    events[0].fields["strategy"] = "zero3"
+    dash3 = dzl.Dashboard(panels=("shards",)).feed(events)
+    labels3 = [t.get_text() for t in dash3.figure().axes[-1].get_legend().get_texts()]
+    assert SHARD_KEY_GATHERED in labels3 and "freed" in SHARD_KEY_GATHERED
+    live = dash3._canvases["shards"].axes
+    assert any(c.get_gid() == "shards:gathered" for c in live[-1].collections)
+
+
+def test_the_status_line_counts_steps_and_events_while_running():
+    dash = dzl.Dashboard(panels=("loss",))
+    dash.widget  # noqa: B018 - the status widget
+    dash.on_job_start(_Job(7))
+    seen = []
+    for step, chunk in enumerate([_steps(1, s) for s in range(3)], start=1):
+        for event in chunk:
+            dash.state.update(event)
+        dash.render()
+        seen.append(dash.status)
+        assert f"{step} steps" in dash.status and "running" in dash.status
+        assert f"{dash.state.events_seen} events" in dash._status.value
+    assert len(set(seen)) == 3
+    dash.on_job_end(_Job(7))
+    assert "finished" in dash.status
+
+
+def _rss() -> int:
+    import ctypes
+    import ctypes.util
+
+    import psutil
+
+    gc.collect()
+    try:  # hand freed heap pages back, so that RSS counts what is still held
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return psutil.Process().memory_info().rss
+
+
+@pytest.mark.timeout(600)
+def test_a_dashboard_per_run_leaves_no_thread_or_memory_behind():
+    """100 runs, each with a new Dashboard fed through the consumer interface: every drawing
+    thread ends with its job, old dashboards are collected, memory stays flat."""
+    events = _steps(2)
+    for job_id in range(3):  # warm-up: matplotlib's caches, fonts
+        _run_offline(dzl.Dashboard(refresh_s=0.01, max_duty=1.0), job_id, events)
+    threads, rss = threading.active_count(), _rss()
+    refs = []
+    for job_id in range(100):
+        dash = dzl.Dashboard(refresh_s=0.01, max_duty=1.0)
+        _run_offline(dash, job_id, events)
+        assert dash.frames >= 2
+        refs.append(weakref.ref(dash))
+        del dash
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    growth = (_rss() - rss) / 1e6
+    print(f"threads {threading.active_count()} (baseline {threads}); RSS growth {growth:.1f} MB")
+    assert threading.active_count() == threads
+    assert [r for r in refs if r() is not None] == []
+    assert growth < 50
+
+
+def test_close_ends_the_drawing_thread_and_a_new_job_starts_another():
+    dash = dzl.Dashboard(panels=("loss",), refresh_s=0.01)
+    dash.on_job_start(_Job(1))
+    dash.on_event(_log()[-1])
+    thread = dash._drawer.thread
+    assert thread.is_alive()
+    dash.close()
+    assert not thread.is_alive() and dash._drawer is None
+    dash.on_submit()
+    dash.on_event(_log()[-1])
+    assert dash._drawer.thread.is_alive()
+    dash.on_job_end(_Job(1))
+    dash.on_wait_end(_Job(1))
+    assert dash._drawer is None and not threading.enumerate().count(thread)
+
+
+NOTEBOOK_CELLS = [
+    "import ddpzero_lab as dzl\n"
+    "cluster = dzl.LiveCluster(2, timeout=60.0)\n"
+    "dash = dzl.Dashboard(panels=('memory', 'loss'))\n"
+    "dash",
+    "import torch\n"
+    "from torch import nn\n"
+    "def train(steps):\n"
+    "    torch.manual_seed(0)\n"
+    "    model, opt = dzl.parallelize(nn.Linear(8, 2), 'ddp',\n"
+    "                                 optimizer=lambda p: torch.optim.SGD(p, lr=0.1))\n"
+    "    for step in range(steps):\n"
+    "        loss = model(torch.randn(4, 8)).pow(2).mean()\n"
+    "        loss.backward(); opt.step(); opt.zero_grad()\n"
+    "        dzl.emit('loss', step=step, loss=loss.item())\n"
+    "cluster.run(train, 3, dashboard=dash)\n"
+    "cluster.close()",
+]
+
+
+@pytest.mark.timeout(300)
+def test_a_headless_notebook_saves_the_final_frame_as_a_png(tmp_path):
+    """nbclient runs a notebook as a static site's build does: the dashboard cell's saved
+    output must hold the last frame as image/png (a widget view alone would show nothing)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in NOTEBOOK_CELLS]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    client = NotebookClient(
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    nbformat.write(nb, tmp_path / "executed.ipynb")
+    outputs = nb.cells[0].outputs
+    pictures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pictures) == 1, outputs
+    data = base64.b64decode(pictures[0]["data"]["image/png"])
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = png_size(data)
+    assert width >= 800 and height >= 400
+    from PIL import Image
+
+    Image.open(io.BytesIO(data)).verify()  # a whole, valid PNG
+    status = Image.open(io.BytesIO(data)).text["ddpzero-status"]
+    assert "finished · 3 steps" in status, status  # the job's last frame, not the first
+    assert pictures[0]["data"]["text/plain"].startswith("Dashboard(")
+    assert "application/vnd.jupyter.widget-view+json" not in pictures[0]["data"]
+    assert pictures[0]["metadata"]["image/png"]["width"] == width // 2

@@ -90,13 +90,6 @@ def _lowest_priority() -> None:
             pass
 
 
-def _png(fig) -> bytes:
-    """The whole picture, drawn tight (legends included): the saved notebook's picture."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    return buffer.getvalue()
-
-
 def png_size(data: bytes) -> tuple[int, int]:
     """(width, height) in pixels of a PNG, from its header."""
     if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
@@ -279,7 +272,7 @@ class Dashboard:
         if drawer is not None and drawer.thread.is_alive():
             drawer.thread.join(timeout=10.0)
         self.render(final=True)
-        self._png = _png(self.figure())
+        self._png = self.still()
         if self._displayed:
             self._update_display(self._bundle(live=False))
 
@@ -301,7 +294,7 @@ class Dashboard:
         for event in events:
             self.state.update(event)
         self.render(final=True)
-        self._png = _png(self.figure())
+        self._png = self.still()
         return self
 
     def render(self, final: bool = False) -> dict[str, bytes]:
@@ -384,6 +377,43 @@ class Dashboard:
         self.drawn.update(drawn)
         return fig
 
+    def still(self) -> bytes:
+        """The status line and the panels as the widget shows them now, one under the other,
+        as one PNG: the picture a saved notebook keeps. Made from the panels' last frames, so
+        it costs no drawing beyond the status line."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        with self._render_lock:
+            pngs = dict(self._panel_png)
+        if any(panel not in pngs for panel in self.panels):
+            pngs = self.render()
+        panels = [Image.open(io.BytesIO(pngs[panel])).convert("RGB") for panel in self.panels]
+        width = max(image.width for image in panels)
+        header = Figure(figsize=(width / (self.dpi * self.pixel_ratio), 0.3))
+        header.set_dpi(self.dpi * self.pixel_ratio)
+        header.text(0.01, 0.5, self.status, fontsize=9, fontweight="bold", va="center")
+        canvas = FigureCanvasAgg(header)
+        canvas.draw()
+        strip = Image.frombuffer(
+            "RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1
+        ).convert("RGB")
+        picture = Image.new(
+            "RGB", (width, strip.height + sum(i.height for i in panels)), (255, 255, 255)
+        )
+        picture.paste(strip, (0, 0))
+        top = strip.height
+        for image in panels:
+            picture.paste(image, (0, top))
+            top += image.height
+        info = PngInfo()
+        info.add_text("ddpzero-status", self.status)  # what the picture shows, for readers
+        buffer = io.BytesIO()
+        picture.save(buffer, format="png", compress_level=1, pnginfo=info)
+        return buffer.getvalue()
+
     def save(self, path: str | Path) -> Path:
         """Write all panels as one picture (PNG, or any format matplotlib knows by suffix)."""
         path = Path(path)
@@ -399,8 +429,8 @@ class Dashboard:
     # -- the status line ------------------------------------------------------------------------
     def _status_text(self, snap: dict[str, Any]) -> str:
         steps = max(snap["steps"].values(), default=0)
-        losses = [len(v) for v in snap["losses"].values()]
-        steps = max(steps, max(losses, default=0))
+        losses = [max(step for step, _ in v) + 1 for v in snap["losses"].values() if v]
+        steps = max(steps, max(losses, default=0))  # a loop without a strategy: its losses
         counts = f"{steps} steps · {snap['events_seen']} events"
         if self._job is None:
             return counts if snap["events_seen"] else "waiting for a job"
@@ -439,7 +469,7 @@ class Dashboard:
         """The display's data and metadata: the picture as image/png (shown at its CSS size)
         and text/plain, plus the widget's view while `live`."""
         if not self._png:
-            self._png = _png(self.figure())
+            self._png = self.still()
         width, _ = png_size(self._png)
         data: dict[str, Any] = {
             "text/plain": repr(self),
