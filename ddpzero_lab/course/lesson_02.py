@@ -1,0 +1,202 @@
+"""Lesson 02 (parameter server vs all-reduce): the measuring harness, its tables and its
+pictures. The notebook owns the training code the learner studies (model, batches, `build`);
+this module times and counts it, runs it on several world sizes and draws the results.
+
+Bytes are counted one direction, as sent by a rank per step, as in the rest of the course.
+The parameter server's bytes are MEASURED (the bytes handed to send/recv); the all-reduce's
+are the cost MODEL's (dzl.traffic() for a built-in collective, see comm/cost_model.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch.distributed as dist
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+from torch import nn
+
+import ddpzero_lab as dzl
+
+from .progress import progress
+
+STRATEGIES = ("param_server", "all_reduce")
+COLORS = {"param_server": "tab:red", "all_reduce": "tab:blue"}
+SOURCE = {"param_server": "measured", "all_reduce": "model"}
+
+
+def _comm_seconds_so_far() -> float:
+    return sum(c["seconds"] for c in dzl.traffic().values())
+
+
+def measure(build, local_batch, strategy, steps, step_fn, warmup=2) -> dict:
+    """On a rank: bytes sent per step, and the median seconds per step and inside
+    communication. The barrier before the update is plain torch (not counted): the ranks start
+    communicating together, so a slower backward does not count as communication."""
+    model, optimizer, update = build(strategy, step_fn)
+    step_seconds, comm_seconds = [], []
+    for step in range(warmup + steps):
+        if step == warmup:
+            dzl.reset_traffic()  # forget the warm-up (and parallelize's initial broadcast)
+        x, y = local_batch(step)
+        start = time.perf_counter()
+        nn.functional.mse_loss(model(x), y).backward()
+        dist.barrier()
+        before = _comm_seconds_so_far()
+        update()
+        optimizer.zero_grad()
+        if step >= warmup:
+            step_seconds.append(time.perf_counter() - start)
+            comm_seconds.append(_comm_seconds_so_far() - before)
+    sent = sum(c["sent"] for c in dzl.traffic().values())
+    return {
+        "sent": sent / steps,
+        "step_s": statistics.median(step_seconds),
+        "comm_s": statistics.median(comm_seconds),
+    }
+
+
+def measure_sizes(cluster, sizes, build, local_batch, step_fn, steps) -> dict:
+    """results[N][strategy] = one dict per rank; a smaller cluster is started for a moment
+    for each world size below the lesson's own."""
+    results = {}
+    for n in sizes:
+        if n == cluster.world_size:
+            where, close = cluster, None
+        else:
+            where = close = dzl.LiveCluster(world_size=n, backend="gloo")
+        try:
+            results[n] = {
+                s: where.run(
+                    measure,
+                    build,
+                    local_batch,
+                    s,
+                    steps,
+                    step_fn,
+                    dashboard=progress(f"N={n}, {s}"),
+                )  # fmt: skip
+                for s in STRATEGIES
+            }
+        finally:
+            if close is not None:
+                close.close()
+    return results
+
+
+def sent_formula(strategy: str, n: int, rank: int, grad_bytes: int, push_bytes: int) -> float:
+    """Bytes a rank sends per step: the server N-1 pulls, a worker one push, a ring rank
+    2(N-1)/N·B."""
+    if strategy == "param_server":
+        return (n - 1) * grad_bytes if rank == 0 else push_bytes
+    return 2 * (n - 1) / n * grad_bytes
+
+
+def bytes_table(results, grad_bytes: int, push_bytes: int) -> bool:
+    """Print bytes sent per rank per step against the formula; True if the server's MEASURED
+    bytes equal theirs exactly (the all-reduce's are the model, equal by construction)."""
+    ok = True
+    print(f"{'N':>2}  {'strategy':<12} {'rank':>4}  {'sent per step':>14}  {'':<9} {'formula':>12}")
+    for n, by_strategy in results.items():
+        for strategy in STRATEGIES:
+            for rank, row in enumerate(by_strategy[strategy]):
+                want = sent_formula(strategy, n, rank, grad_bytes, push_bytes)
+                if strategy == "param_server":
+                    ok &= round(row["sent"]) == want
+                print(f"{n:>2}  {strategy:<12} {rank:>4}  {row['sent']:>14,.0f}  "
+                      f"{SOURCE[strategy]:<9} {want:>12,.0f}")  # fmt: skip
+        total = {s: sum(r["sent"] for r in by_strategy[s]) for s in STRATEGIES}
+        print(f"    N={n}, all ranks together: param_server {total['param_server']:,.0f}, "
+              f"all_reduce {total['all_reduce']:,.0f}")  # fmt: skip
+    return ok
+
+
+def plot_busiest(results, grad_bytes: int, far: int = 32) -> Figure:
+    """Bytes the busiest rank sends per step, in units of B, measured/model points and the
+    formulas out to N = far."""
+    ns = list(range(2, far + 1))
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(ns, [n - 1 for n in ns], "--", color=COLORS["param_server"], label="server: (N-1)·B")
+    ax.plot(ns, [2 * (n - 1) / n for n in ns], "--", color=COLORS["all_reduce"],
+            label="ring rank: 2(N-1)/N·B")  # fmt: skip
+    for strategy, marker in (("param_server", "o"), ("all_reduce", "s")):
+        sizes = list(results)
+        busiest = [max(r["sent"] for r in results[n][strategy]) / grad_bytes for n in sizes]
+        ax.plot(sizes, busiest, marker, markersize=8, color=COLORS[strategy],
+                label=f"{strategy}: busiest rank ({SOURCE[strategy]})")  # fmt: skip
+    ax.set(xlabel="world size N", ylabel="bytes sent per step  [B]", yscale="log",
+           yticks=[0.5, 1, 2, 4, 8, 16, 32], title="bytes sent by the busiest rank")  # fmt: skip
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize="small")
+    return fig
+
+
+def comm_seconds(results, strategy: str, n: int) -> float:
+    """MEASURED communication seconds per step of the busiest rank: the server (rank 0), or
+    the slowest all-reduce rank."""
+    per_rank = [r["comm_s"] for r in results[n][strategy]]
+    return per_rank[0] if strategy == "param_server" else max(per_rank)
+
+
+def step_seconds(results, strategy: str, n: int) -> float:
+    return max(r["step_s"] for r in results[n][strategy])
+
+
+def one_step(build, local_batch, strategy, step_fn) -> float:
+    """On a rank: a warm-up step, then one more; returns when step 1's communication began."""
+    model, optimizer, update = build(strategy, step_fn)
+    for step in range(2):
+        x, y = local_batch(step)
+        nn.functional.mse_loss(model(x), y).backward()
+        dist.barrier()
+        mark = time.time()
+        update()
+        optimizer.zero_grad()
+    return mark
+
+
+def plot_one_step(cluster, build, local_batch, step_fn) -> Figure:
+    """Each counted message of one step as a bar, one row per rank, for both designs."""
+    op_colors = {"recv": "tab:green", "send": "tab:orange", "all_reduce": "tab:blue"}
+    fig = Figure(figsize=(8, 4.4), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, strategy in zip(axes, STRATEGIES, strict=True):
+        job = cluster.submit(one_step, build, local_batch, strategy, step_fn)
+        t0 = min(job.wait())
+        for e in job.events:  # every counted op emits a "collective" event with start and end
+            if e.kind == "collective" and e["start"] >= t0 and e["op"] in op_colors:
+                ax.broken_barh([((e["start"] - t0) * 1e3, (e["end"] - e["start"]) * 1e3)],
+                               (e.rank - 0.35, 0.7), facecolors=op_colors[e["op"]],
+                               edgecolor="white")  # fmt: skip
+        ax.set(ylabel="rank", yticks=list(range(cluster.world_size)), title=f"one {strategy} step")
+        ax.invert_yaxis()
+    fig.legend(handles=[Patch(color=c, label=op) for op, c in op_colors.items()],
+               loc="outside right upper", fontsize="small")  # fmt: skip
+    axes[-1].set_xlabel("ms since the step's communication began (measured)")
+    return fig
+
+
+def plot_times(results, predicted, far: int = 32) -> Figure:
+    """MEASURED communication ms per step beside the α-β MODEL; the model alone out to far."""
+    sizes = list(results)
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    near, wide = fig.subplots(1, 2)
+    for strategy, marker in (("param_server", "o"), ("all_reduce", "s")):
+        color = COLORS[strategy]
+        near.plot(sizes, [comm_seconds(results, strategy, n) * 1e3 for n in sizes], marker,
+                  markersize=8, color=color, label=f"{strategy}: measured")  # fmt: skip
+        near.plot(sizes, [predicted(strategy, n) * 1e3 for n in sizes], "--", color=color,
+                  label=f"{strategy}: α-β model")  # fmt: skip
+        wide.plot(range(2, far + 1), [predicted(strategy, n) * 1e3 for n in range(2, far + 1)],
+                  "--", color=color, label=f"{strategy}: α-β model")  # fmt: skip
+    near.set(xlabel="world size N", ylabel="communication ms per step", xticks=sizes,
+             ylim=(0, None), title="this machine: measured and model")  # fmt: skip
+    wide.set(xlabel="world size N", ylabel="communication ms per step", ylim=(0, None),
+             title=f"α-β model, one link per rank, to N = {far}")  # fmt: skip
+    near.legend(fontsize="small")
+    wide.legend(fontsize="small")
+    return fig
