@@ -17,7 +17,7 @@ def gather_run_free(shard, layout, module, x):
     full = torch.empty(layout.padded_numel, dtype=shard.dtype, device=shard.device)
     dzl.comm.all_gather(full, shard, tag="my_gather")
     # 2. bind: the parameters become views of the full buffer (nothing is copied)
-    for p, view in zip(module.parameters(), layout.views(full)):
+    for p, view in zip(module.parameters(), layout.views(full), strict=True):
         p.data = view
     # 3. run
     out = module(x)

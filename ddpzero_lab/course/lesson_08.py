@@ -1,0 +1,186 @@
+"""Lesson 08's helpers (ZeRO-3: prefetch and mixed precision).
+
+This module owns what notebook 08 calls in one line and the learner need not study: the check
+that prefetch gathers the next unit while one runs, the timing harness with and without
+prefetch, the floating-point formats table, the self-check of the bytes-per-rank exercise, and
+the measured table and picture of stages 0 to 3 in both precisions. The per-step trace and
+the measurement job on the ranks are lesson 07's (`lesson_07.trace_step_on_rank`,
+`lesson_07.measure_on_rank`): one implementation, two lessons.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+import ddpzero_lab as dzl
+
+from . import lesson_07
+
+MB = 1e6
+STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}  # strategy -> its ZeRO stage
+PRECISIONS = {"fp32": "fp32_adam", "bf16-mixed": "mixed_adam"}  # precision -> formula preset
+PARTS = ("params", "grads", "optimizer")
+
+
+# -- prefetch --------------------------------------------------------------------------------
+def prefetch_check(without: list[dict], with_prefetch: list[dict]) -> str:
+    """Raise AssertionError unless, as a unit starts its forward, the next unit's gather is
+    already under way with prefetch (more than the unit's own buffer is held) and never
+    without. Returns a one-line report for rank 0."""
+    counts = {}
+    for label, traces in (("without", without), ("with", with_prefetch)):
+        per_rank = []
+        for t in traces:
+            rest = 4 * sum(t["padded"].values()) // t["world_size"]
+            starts = [s for s in t["samples"] if s[2] == "starts"]
+            # held beyond the slices and the running unit: another unit's buffer, in flight
+            early = sum(s[3] - rest > 4 * t["padded"][s[1]] for s in starts)
+            per_rank.append((early, len(starts), max(s[3] for s in t["samples"])))
+        counts[label] = per_rank
+    assert all(early == 0 for early, _, _ in counts["without"]), "gathered early without prefetch"
+    assert all(early > 0 for early, _, _ in counts["with"]), "prefetch never gathered early"
+    (off, n, peak_off), (on, _, peak_on) = counts["without"][0], counts["with"][0]
+    return (
+        f"rank 0: the next unit was in flight at {off} of {n} unit starts without prefetch, "
+        f"{on} of {n} with; peak parameter bytes {peak_off:,} -> {peak_on:,}"
+    )
+
+
+def _time_on_rank(make_model, local_batch, optimizer, steps, prefetch):
+    model, opt = dzl.parallelize(
+        make_model(), "zero3", optimizer=optimizer, prefetch=prefetch, track_memory=False
+    )
+    seconds = []
+    for step in range(steps):
+        x, y = local_batch(step)
+        dist.barrier()  # every rank starts the step together: the slowest one sets the pace
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds[2:]  # the first steps warm up; the first one also records the unit order
+
+
+def time_prefetch(cluster, make_model, local_batch, optimizer, steps=12, runs=3) -> dict:
+    """Median step time of the slowest rank, without and with prefetch, in alternating runs
+    (neither always goes first); prints the result against the run-to-run spread."""
+    ms = {False: [], True: []}
+    cluster.run(_time_on_rank, make_model, local_batch, optimizer, 3, True)  # warm up, untimed
+    # one bar for all the jobs (a parent-side loop), not one line per job
+    order = [(False, True) if run % 2 == 0 else (True, False) for run in range(runs)]
+    jobs = [prefetch for pair in order for prefetch in pair]
+    for prefetch in tqdm(jobs, desc="timing prefetch off/on", leave=False):
+        per_rank = cluster.run(_time_on_rank, make_model, local_batch, optimizer, steps, prefetch)
+        slowest = [max(each) for each in zip(*per_rank, strict=True)]  # it sets the pace
+        ms[prefetch].append(1e3 * statistics.median(slowest))
+    for prefetch, values in ms.items():
+        runs_text = ", ".join(f"{v:.1f}" for v in values)
+        median = statistics.median(values)
+        print(f"prefetch={prefetch!s:<5}: median step {median:6.1f} ms ({runs_text})")
+    difference = statistics.median(ms[True]) - statistics.median(ms[False])
+    spread = max(max(v) - min(v) for v in ms.values())  # how much runs of one setting vary
+    verdict = "within" if abs(difference) <= spread else "beyond"
+    print(
+        f"difference {difference:+.1f} ms per step, {verdict} the {spread:.1f} ms that runs of "
+        f"one setting differ by (backend {cluster.backend})"
+    )
+    return ms
+
+
+# -- mixed precision -------------------------------------------------------------------------
+def formats() -> None:
+    """Bits and limits of the three float formats, from torch.finfo."""
+    print(f"{'format':<10}{'bits':>5}{'stored mantissa':>17}{'eps':>11}{'largest':>11}")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        info = torch.finfo(dtype)
+        mantissa = round(-torch.log2(torch.tensor(info.eps)).item())  # eps = 2**-stored bits
+        name = str(dtype).split(".")[-1]
+        print(f"{name:<10}{info.bits:>5}{mantissa:>17}{info.eps:>11.2e}{info.max:>11.2e}")
+
+
+def check_state_bytes(cluster, candidate, make_model, local_batch, optimizer) -> str:
+    """Measure ZeRO-3's bytes per rank in both precisions; raise AssertionError unless
+    candidate(padded, world_size, precision) predicts them (AdamW's 4-byte step counter per
+    flat buffer aside)."""
+    lines = []
+    for precision in PRECISIONS:
+        per_rank = cluster.run(
+            lesson_07.measure_on_rank, "zero3", make_model, local_batch, optimizer, precision
+        )
+        for rank, r in enumerate(per_rank):
+            want = dict(r["held"])
+            want["optimizer"] -= 4 * r["flats"]  # AdamW's step counters: not model state
+            got = candidate(r["padded"], len(per_rank), precision)
+            if {k: got.get(k) for k in PARTS} != want:
+                raise AssertionError(
+                    f"{precision}, rank {rank}: you predict {got}, the rank holds {want}"
+                )
+        lines.append(f"{precision} {want}")
+    return "; ".join(lines)
+
+
+# -- stages 0 to 3 ---------------------------------------------------------------------------
+def measure_stages(cluster, make_model, local_batch, optimizer) -> dict:
+    """{(strategy, precision): per-rank results of lesson_07.measure_on_rank} for all eight."""
+    runs = [(s, p) for p in PRECISIONS for s in STRATEGIES]
+    return {
+        (s, p): cluster.run(lesson_07.measure_on_rank, s, make_model, local_batch, optimizer, p)
+        for s, p in tqdm(runs, desc="stages 0-3 x 2 precisions", leave=False)
+    }
+
+
+def stage_table(measured: dict, num_params: int) -> None:
+    """Print rank 0's bytes per stage and precision, its formula (notebook 04) and the bytes
+    sent per step; check every run against its formula on every rank (raises)."""
+    n = len(next(iter(measured.values())))
+    print(f"rank 0, N = {n}, Ψ = {num_params:,}: bytes held, and sent per step")
+    head = "".join(f"{p:>11}" for p in PARTS)
+    print(f"{'':<8}{'precision':<12}{head}{'total':>11}{'formula':>11}{'sent':>11}")
+    for (strategy, precision), per_rank in measured.items():
+        stage, preset = STRATEGIES[strategy], PRECISIONS[precision]
+        lesson_07.memory_check(per_rank, num_params, stage, preset)  # raises if off
+        held = per_rank[0]["held"]
+        formula = dzl.zero_memory_estimate(num_params, n, stage, preset=preset)["total"]
+        sent = sum(per_rank[0]["per_step"].values())
+        cells = "".join(f"{held[p]:>11,}" for p in PARTS)
+        print(
+            f"{strategy:<8}{precision:<12}{cells}{sum(held.values()):>11,}"
+            f"{formula:>11,.0f}{sent:>11,.0f}"
+        )
+
+
+def plot_stages(measured: dict, num_params: int):
+    """Stacked bars of rank 0's model states per stage, one panel per precision, with each
+    stage's formula marked."""
+    from matplotlib.figure import Figure
+
+    n = len(next(iter(measured.values())))
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    colors = {"params": "tab:blue", "grads": "tab:orange", "optimizer": "tab:green"}
+    for ax, (precision, preset) in zip(axes, PRECISIONS.items(), strict=True):
+        for x, (strategy, stage) in enumerate(STRATEGIES.items()):
+            held, bottom = measured[strategy, precision][0]["held"], 0.0
+            for part, color in colors.items():
+                label = part if x == 0 else None
+                ax.bar(x, held[part] / MB, bottom=bottom, color=color, width=0.6, label=label)
+                bottom += held[part] / MB
+            formula = dzl.zero_memory_estimate(num_params, n, stage, preset=preset)["total"]
+            label = "formula (04)" if x == 0 else None
+            ax.plot([x + 0.38], [formula / MB], marker="<", color="black", label=label)
+        ax.set_xticks(range(len(STRATEGIES)), [f"{s}\nstage {t}" for s, t in STRATEGIES.items()])
+        ax.set_title(f"{precision}, N = {n}", fontsize=10)
+    axes[0].set_ylabel("model states, rank 0 [MB]")
+    axes[1].legend(fontsize="small")
+    return fig
