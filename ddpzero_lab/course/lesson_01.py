@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, Rectangle
 
 from ..comm import AlphaBeta, fit_alpha_beta
+from .progress import progress
 
 REDUCED = "0.25"  # dark grey: summed over every rank
 EMPTY = "0.94"  # light grey: nothing there (not written, or not kept)
@@ -256,7 +257,7 @@ def time_all_reduce(numels, repeats) -> list[float]:
 def sweep(cluster, numels, repeats) -> tuple[list[int], list[float]]:
     """Time the all-reduce sweep on the cluster; a collective ends with its slowest rank, so
     each size keeps the largest of the ranks' medians. Prints the MEASURED table."""
-    per_rank = cluster.run(time_all_reduce, numels, repeats)
+    per_rank = cluster.run(time_all_reduce, numels, repeats, dashboard=progress("all-reduce sweep"))
     seconds = [max(column) for column in zip(*per_rank, strict=True)]
     nbytes = [numel * 4 for numel in numels]
     n = cluster.world_size
