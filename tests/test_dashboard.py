@@ -404,7 +404,7 @@ def test_a_dashboard_per_run_leaves_no_thread_or_memory_behind():
     events = _steps(2)
     for job_id in range(3):  # warm-up: matplotlib's caches, fonts
         _run_offline(dzl.Dashboard(refresh_s=0.01, max_duty=1.0), job_id, events)
-    threads, rss = threading.active_count(), _rss()
+    threads, rss = set(threading.enumerate()), _rss()
     refs = []
     for job_id in range(100):
         dash = dzl.Dashboard(refresh_s=0.01, max_duty=1.0)
@@ -413,11 +413,12 @@ def test_a_dashboard_per_run_leaves_no_thread_or_memory_behind():
         refs.append(weakref.ref(dash))
         del dash
     deadline = time.monotonic() + 10
-    while threading.active_count() > threads and time.monotonic() < deadline:
+    while set(threading.enumerate()) - threads and time.monotonic() < deadline:
         time.sleep(0.05)
     growth = (_rss() - rss) / 1e6
-    print(f"threads {threading.active_count()} (baseline {threads}); RSS growth {growth:.1f} MB")
-    assert threading.active_count() == threads
+    print(f"threads {threading.active_count()} (baseline {len(threads)}); RSS {growth:+.1f} MB")
+    assert set(threading.enumerate()) - threads == set()  # no thread more than before
+    assert not [t for t in threading.enumerate() if t.name == "ddpzero-dashboard"]
     assert [r for r in refs if r() is not None] == []
     assert growth < 50
 
