@@ -60,13 +60,11 @@ STATE_JS = """() => {
     code += 1;
     if (cell.executionCount) ran += 1;
   }
-  const busy = document.querySelectorAll('.jp-Notebook .jp-InputPrompt').length
-    ? Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))
-        .filter(p => p.textContent.includes('*')).length
-    : 0;
+  const busy = Array.from(panel.node.querySelectorAll('.jp-InputPrompt'))
+    .filter(p => p.textContent.includes('*')).length;
   const kernel = panel.sessionContext && panel.sessionContext.session
     && panel.sessionContext.session.kernel;
-  return {code, ran, busy, kernel: kernel ? kernel.status : 'none',
+  return {path: panel.context.path, code, ran, busy, kernel: kernel ? kernel.status : 'none',
           dirty: panel.context.model.dirty};
 }"""
 
@@ -251,9 +249,12 @@ def test_restart_and_run_all_in_jupyterlab(lab, path):
     screenshot = BUILD / f"browser_runall_{path.stem}.png"
     try:
         try:
-            page.goto(f"{base}/lab/tree/{path.name}?token={TOKEN}")
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-            page.wait_for_function("() => window.jupyterapp !== undefined", timeout=30_000)
+            # a workspace of its own, reset: JupyterLab reopens no notebook of an earlier test
+            page.goto(f"{base}/lab/workspaces/{path.stem}/tree/{path.name}?reset&token={TOKEN}")
+            page.wait_for_function(
+                f"() => ({STATE_JS})()?.path === {json.dumps(path.name)}", timeout=90_000
+            )
+            page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell")
             _accept_dialog(page, 2)  # a "Select Kernel" dialog, should the server ask
             _wait_idle(page, 90)  # the kernel has started and waits
             start = time.monotonic()

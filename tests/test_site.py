@@ -60,9 +60,11 @@ def _title(path: Path) -> str:
 def _figures(path: Path) -> int:
     """How many outputs of the executed notebook are images (each must show on its page)."""
     nb = json.loads(path.read_text())
+    hidden = {"remove-output", "remove-cell"}  # jupyter-book leaves these outputs out
     return sum(
         1
         for cell in nb["cells"]
+        if not hidden & set(cell.get("metadata", {}).get("tags", []))
         for out in cell.get("outputs", [])
         if "image/png" in out.get("data", {})
     )
