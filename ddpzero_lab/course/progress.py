@@ -2,7 +2,7 @@
 
 `progress(label)` is an event consumer for `cluster.run(..., dashboard=progress("..."))`: a
 one-line status that counts steps and events while the ranks work, and prints how long the job
-took when it returns (so the saved notebook says so too). It sets widget state from the
+took when it returns (so the saved notebook says so too). It updates its display from the
 cluster's consumer thread and never prints from there (telemetry.EventConsumer).
 """
 
@@ -17,30 +17,36 @@ class Progress:
         self.events = 0
         self.steps = 0
         self._start = 0.0
-        self._widget = None
+        self._handle = None
         self._last = 0.0
 
     def on_submit(self) -> None:
         self._start = time.perf_counter()
         try:
-            import ipywidgets
             from IPython import get_ipython
             from IPython.display import display
 
             if get_ipython() is not None:
-                self._widget = ipywidgets.HTML(f"{self.label}: starting ...")
-                display(self._widget)
-        except ImportError:  # no widgets: the final line still says how long it took
-            self._widget = None
+                # A display with an id, not a widget: updates reach the live page, and the saved
+                # notebook (and the course's site) keeps the last line as plain HTML.
+                self._handle = display(self._html("starting ..."), display_id=True)
+        except ImportError:  # no IPython: the final line still says how long it took
+            self._handle = None
+
+    @staticmethod
+    def _html(text: str):
+        from IPython.display import HTML
+
+        return HTML(f"<code>{text}</code>")
 
     def on_event(self, event) -> None:
         self.events += 1
         if event.kind in ("step", "loss") and event.get("step") is not None:
             self.steps = max(self.steps, int(event.get("step")) + 1)
         now = time.perf_counter()
-        if self._widget is not None and now - self._last > 0.25:
+        if self._handle is not None and now - self._last > 0.25:
             self._last = now
-            self._widget.value = self._text(now)
+            self._handle.update(self._html(self._text(now)))
 
     def _text(self, now: float) -> str:
         steps = f"step {self.steps} · " if self.steps else ""
@@ -48,8 +54,8 @@ class Progress:
 
     def on_wait_end(self, job) -> None:
         now = time.perf_counter()
-        if self._widget is not None:
-            self._widget.value = self._text(now) + " · done"
+        if self._handle is not None:
+            self._handle.update(self._html(self._text(now) + " · done"))
         print(f"{self.label}: done in {now - self._start:.1f} s")
 
 
