@@ -269,12 +269,14 @@ class Dashboard:
         headless run saves it."""
         self._job_running = False
         drawer = self._stop_drawer()
-        if drawer is not None and drawer.thread.is_alive():
-            drawer.thread.join(timeout=10.0)
+        # drawn here, at the notebook's priority: the drawing thread's lowest priority would
+        # make the cell wait for it on a busy machine (its own last frame is then a no-op)
         self.render(final=True)
         self._png = self.still()
         if self._displayed:
             self._update_display(self._bundle(live=False))
+        if drawer is not None:
+            drawer.thread.join(timeout=5.0)
 
     def close(self) -> None:
         """End the drawing thread now and close the widgets (the figures go with the
