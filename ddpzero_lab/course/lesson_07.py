@@ -102,15 +102,30 @@ def gradient_shard_of(model, unit_index: int = 1) -> dict:
 
 
 # -- the exercise's self-check ---------------------------------------------------------------
+def _saved_after(forward, x) -> int:
+    """Bytes that autograd's saved tensors still hold once forward(x) has returned."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x)
+    return storage_bytes(saved)
+
+
 def _gather_run_free_on_rank(candidate, make_model, local_batch) -> dict:
     x, _ = local_batch(0)  # a different block of rows on every rank
     model, _ = dzl.parallelize(make_model(), "zero3", optimizer=_sgd, track_memory=False)
     units = {u.name: u.flats[0] for u in _engine(model).units if u.flats}
     # a pre-hook registered after the package's runs once the package has gathered the unit
-    package_seen, mine_seen = [], []
+    package_seen, mine_seen, hooks = [], [], []
     for name in units:
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda m, a: package_seen.append(storage_bytes(model.parameters()))
+        hooks.append(
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda m, a: package_seen.append(storage_bytes(model.parameters()))
+            )
         )
     with torch.no_grad():
         package_out = model(x)
@@ -118,18 +133,28 @@ def _gather_run_free_on_rank(candidate, make_model, local_batch) -> dict:
     for p in bare.parameters():
         p.data = torch.empty(0, device=p.device)  # no memory, as at rest
     for name in units:
-        bare.get_submodule(name).register_forward_pre_hook(
-            lambda m, a: mine_seen.append(storage_bytes(bare.parameters()))
+        hooks.append(
+            bare.get_submodule(name).register_forward_pre_hook(
+                lambda m, a: mine_seen.append(storage_bytes(bare.parameters()))
+            )
         )
-    dzl.reset_traffic()
-    h = x
-    with torch.no_grad():
+
+    def mine(h):
         for name, child in bare.named_children():
             if name in units:
                 h = candidate(units[name].local.detach(), units[name].layout, child, h)
             else:
                 h = child(h)  # a ReLU: no parameters
+        return h
+
+    dzl.reset_traffic()
+    with torch.no_grad():
+        h = mine(x)
     counted = dzl.traffic().get("all_gather", {"calls": 0, "sent": 0})
+    for hook in hooks:
+        hook.remove()  # the lists above are of the first pass only
+    # with autograd on, the saved weight views must hold nothing either (a .data swap fails)
+    package_saved, mine_saved = _saved_after(model, x), _saved_after(mine, x)
     n = dzl.world_size()
     return {
         "mine": h.cpu(),
@@ -137,6 +162,8 @@ def _gather_run_free_on_rank(candidate, make_model, local_batch) -> dict:
         "mine_seen": mine_seen,
         "package_seen": package_seen,
         "mine_after": storage_bytes(bare.parameters()),
+        "mine_saved": mine_saved,
+        "package_saved": package_saved,
         "calls": counted["calls"],
         "sent": counted["sent"],
         "units": len(units),
@@ -160,6 +187,12 @@ def check_gather_run_free(cluster, candidate, make_model, local_batch) -> str:
             raise AssertionError(
                 f"rank {rank}: after the pass the parameters still hold {r['mine_after']:,} "
                 "bytes; free the buffer's storage (step 4)"
+            )
+        if r["mine_saved"] != r["package_saved"]:
+            raise AssertionError(
+                f"rank {rank}: after forward, autograd's saved tensors hold "
+                f"{r['mine_saved']:,} bytes, the package's {r['package_saved']:,}: free the "
+                "gathered buffer's storage (step 4), so its saved views hold nothing"
             )
         if r["calls"] != r["units"] or r["sent"] != r["expected_sent"]:
             raise AssertionError(
