@@ -10,7 +10,7 @@ The dashboard draws in the notebook's process, so on a machine with fewer cores 
 it competes with the ranks for CPU; it draws at the lowest priority, and `max_duty` bounds how
 much of a core it takes.
 
-    python benchmarks/dashboard_overhead.py [--steps 60] [--repeats 5] [--world-size 2]
+    python benchmarks/dashboard_overhead.py [--steps 100] [--repeats 5] [--world-size 2]
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from torch import nn
 import ddpzero_lab as dzl
 
 
-def train(steps: int) -> float:
+def train(steps: int) -> tuple[float, float]:
+    """(mean step time, this rank's CPU seconds) for `steps` DDP steps."""
+    cpu = time.process_time()
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10)
@@ -43,12 +45,37 @@ def train(steps: int) -> float:
         opt.zero_grad()
         dzl.emit("loss", step=step, loss=loss.item())
         times.append(time.perf_counter() - start)
-    return statistics.mean(times[3:])  # the mean: slow steps while a frame is drawn count
+    # the mean: slow steps while a frame is drawn count
+    return statistics.mean(times[3:]), time.process_time() - cpu
+
+
+def timed(cluster, steps: int, dash=None) -> tuple[float, ...]:
+    """Run the job, waiting the same way with and without a dashboard; returns (the slowest
+    rank's mean step time, the ranks' CPU seconds, this process's CPU seconds while the ranks
+    ran, frames per second and the drawing's share of one core while they ran)."""
+    job = cluster.submit(train, steps, dashboard=dash)
+    # from here on: the set-up in on_submit, before the ranks start, is not step time
+    cpu, start = time.process_time(), time.perf_counter()
+    frames, drawing = (dash.frames, dash.render_seconds) if dash is not None else (0, 0.0)
+    while not job.done():
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    parent_cpu = time.process_time() - cpu
+    if dash is not None:  # frames drawn while the ranks ran, and their CPU seconds
+        frames, drawing = dash.frames - frames, dash.render_seconds - drawing
+    results = job.wait()  # with a dashboard, wait() also draws the final picture: not counted
+    return (
+        max(r[0] for r in results),
+        sum(r[1] for r in results),
+        parent_cpu,
+        frames / elapsed,
+        drawing / elapsed,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--refresh-s", type=float, default=None, help="default: Dashboard's")
@@ -57,22 +84,21 @@ def main() -> None:
     if args.repeats < 3:
         parser.error("--repeats must be at least 3 (min, median and max of the ratio)")
     options = {k: v for k, v in (("refresh_s", args.refresh_s), ("max_duty", args.max_duty)) if v}
-    plain, watched, frames, drawing, events = [], [], [], [], []
+    plain, watched, frames, drawing, events, cpu_ratios = [], [], [], [], [], []
     with dzl.LiveCluster(args.world_size, timeout=60.0) as cluster:
         cluster.run(train, 5)  # warm-up
         for _ in range(args.repeats):
-            plain.append(max(cluster.run(train, args.steps)))  # the slowest rank
+            step, ranks_cpu, parent_cpu, *_ = timed(cluster, args.steps)
+            plain.append(step)
             dash = dzl.Dashboard(**options)
             dash.widget  # noqa: B018 - as when displayed: frames also set the widgets' state
-            start = time.perf_counter()
-            job = cluster.submit(train, args.steps, dashboard=dash)
-            while not job.done():
-                time.sleep(0.01)
-            elapsed = time.perf_counter() - start
-            frames_during, drawing_during = dash.frames, dash.render_seconds
-            watched.append(max(job.wait()))  # wait() also draws the final picture
-            frames.append(frames_during / elapsed)
-            drawing.append(drawing_during / elapsed)
+            step, ranks_cpu_w, parent_cpu_w, rate, duty = timed(cluster, args.steps, dash)
+            watched.append(step)
+            # the CPU the whole run took (ranks and notebook process), with over without: what
+            # the dashboard would cost a machine with no idle time at all, whatever else runs
+            cpu_ratios.append((ranks_cpu_w + parent_cpu_w) / (ranks_cpu + parent_cpu))
+            frames.append(rate)
+            drawing.append(duty)
             events.append(dash.state.events_seen)
             dash.close()
     ratios = [w / p for w, p in zip(watched, plain, strict=True)]
@@ -87,6 +113,11 @@ def main() -> None:
     print(
         f"ratio with/without      min {min(ratios):.3f} · median {statistics.median(ratios):.3f}"
         f" · max {max(ratios):.3f}   (per repeat: {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
+    print(
+        f"CPU of the run (ranks + notebook) with/without: median "
+        f"{statistics.median(cpu_ratios):.3f} (min {min(cpu_ratios):.3f}, max "
+        f"{max(cpu_ratios):.3f})"
     )
     print(
         f"dashboard frames/s {statistics.median(frames):.2f} · drawing "

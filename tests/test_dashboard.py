@@ -379,8 +379,13 @@ def test_the_status_line_counts_steps_and_events_while_running():
         assert f"{step} steps" in dash.status and "running" in dash.status
         assert f"{dash.state.events_seen} events" in dash._status.value
     assert len(set(seen)) == 3
+    # between frames, the consumer thread refreshes the counts (every STATUS_EVERY_S)
+    dash._status_at = 0.0
+    dash.on_event([e for e in _steps(1, 3) if e.kind == "loss"][0])
+    assert f"{dash.state.events_seen} events" in dash.status and "4 steps" in dash.status
     dash.on_job_end(_Job(7))
     assert "finished" in dash.status
+    dash.close()
 
 
 def _rss() -> int:

@@ -43,6 +43,7 @@ _ids = itertools.count(1)
 # must not keep one alive); the next event starts another.
 IDLE_EXIT_S = 10.0
 _TICK_PT = 7.5
+STATUS_EVERY_S = 0.25  # the status line's counts are refreshed at least this often
 
 
 def _draw_panel(fig, spec, panel: str, snap: dict[str, Any]) -> Any:
@@ -156,8 +157,8 @@ class Dashboard:
     def __init__(
         self,
         panels: Sequence[str] = PANELS,
-        refresh_s: float = 0.5,
-        max_duty: float = 0.15,
+        refresh_s: float = 1.0,
+        max_duty: float = 0.1,
         width_in: float = 10.0,
         dpi: int = 80,
         pixel_ratio: float = 2.0,
@@ -200,6 +201,7 @@ class Dashboard:
         self._drawer: _Drawer | None = None
         self._job: tuple[int, str] | None = None
         self._job_running = False
+        self._status_at = 0.0
         self._widget = None
         self._images: dict[str, Any] = {}
         self._status = None
@@ -220,6 +222,8 @@ class Dashboard:
     # -- the consumer interface (called on the cluster's consumer thread) -------------------
     def on_event(self, event: Event) -> None:
         self.state.update(event)
+        if time.monotonic() - self._status_at >= STATUS_EVERY_S:
+            self._set_status()  # between frames too: a starved drawing thread leaves it live
         with self._drawer_lock:
             drawer = self._drawer
             if drawer is None:
@@ -322,7 +326,7 @@ class Dashboard:
                 self._drawn_versions[panel] = version
                 if panel in self._images:
                     self._images[panel].value = self._panel_png[panel]  # widget state only
-            self._set_status(snap)
+            self._set_status()
             cost = time.thread_time() - start
             self.frames += 1
             self.render_seconds += cost
@@ -375,7 +379,7 @@ class Dashboard:
             for row, panel in enumerate(self.panels)
         }
         _tidy(fig)
-        fig.suptitle(f"ddpzero_lab · ranks {snap['ranks']} · {self._status_text(snap)}", fontsize=9)
+        fig.suptitle(f"ddpzero_lab · ranks {snap['ranks']} · {self._status_text()}", fontsize=9)
         self.drawn.update(drawn)
         return fig
 
@@ -429,18 +433,18 @@ class Dashboard:
         return cls(**kwargs).feed(load_events(source))
 
     # -- the status line ------------------------------------------------------------------------
-    def _status_text(self, snap: dict[str, Any]) -> str:
-        steps = max(snap["steps"].values(), default=0)
-        losses = [max(step for step, _ in v) + 1 for v in snap["losses"].values() if v]
-        steps = max(steps, max(losses, default=0))  # a loop without a strategy: its losses
-        counts = f"{steps} steps · {snap['events_seen']} events"
+    def _status_text(self) -> str:
+        """The job, how many steps and events have arrived: read from the state's counters
+        (two integers), so that the consumer thread can afford it between frames."""
+        counts = f"{self.state.steps_seen} steps · {self.state.events_seen} events"
         if self._job is None:
-            return counts if snap["events_seen"] else "waiting for a job"
+            return counts if self.state.events_seen else "waiting for a job"
         job_id, name = self._job
         return f"job {job_id} ({name}) {'running' if self._job_running else 'finished'} · {counts}"
 
-    def _set_status(self, snap: dict[str, Any] | None = None) -> None:
-        self.status = self._status_text(snap if snap is not None else self.state.snapshot())
+    def _set_status(self) -> None:
+        self._status_at = time.monotonic()
+        self.status = self._status_text()
         if self._status is not None:
             self._status.value = f"<b>{self.status}</b>"  # widget state only
 

@@ -19,9 +19,12 @@ twice the CSS pixels of the <img> it is shown in, as matplotlib's own "retina" f
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from . import panels as P
 
@@ -72,15 +75,27 @@ def sticky_limits(wanted: tuple[float, float], held: tuple[float, float] | None)
 
 
 def png(canvas) -> bytes:
-    """The canvas's pixels as PNG, fast compression (a live frame lives for half a second).
-    RGB: the figures are opaque, and a quarter fewer bytes are quicker to compress and send."""
-    from PIL import Image
-
+    """The canvas's pixels as PNG: RGB (the figures are opaque), no row filter, zlib's fastest
+    level. A live frame lives for a second; this is about a third quicker than Pillow's
+    encoder at its fastest setting, for somewhat larger files (a local websocket carries them)."""
     width, height = canvas.get_width_height()
-    image = Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="png", compress_level=1)
-    return buffer.getvalue()
+    rgb = np.asarray(canvas.buffer_rgba())[:, :, :3].reshape(height, 3 * width)
+    rows = np.empty((height, 1 + 3 * width), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type 0 (none) for every row
+    rows[:, 1:] = rgb
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(rows.data, 1)),
+            _chunk(b"IEND", b""),
+        )
+    )
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 class PanelCanvas:

@@ -47,6 +47,7 @@ class DashboardState:
         self.losses: dict[int, list[tuple[int, float]]] = defaultdict(list)
         self.ranks: set[int] = set()
         self.events_seen = 0
+        self.steps_seen = 0  # the highest step any rank reported, plus one: the status line's
         self.t0: float | None = None
         # bumped whenever a panel's data changes: the dashboard redraws only those panels
         self.versions: dict[str, int] = dict.fromkeys(
@@ -71,6 +72,7 @@ class DashboardState:
                 self._bump("timeline", "traffic")
             elif kind == "loss":
                 self.losses[event.rank].append((int(event["step"]), float(event["loss"])))
+                self.steps_seen = max(self.steps_seen, int(event["step"]) + 1)
                 self._bump("loss")
             elif kind == "shard_map":
                 self.shard_map = dict(event.fields)
@@ -91,6 +93,7 @@ class DashboardState:
         self.peak[e.rank] = max(self.peak[e.rank], sum(parts.values()))
         if e["phase"] == "after_step":
             self.steps[e.rank] = max(self.steps[e.rank], int(e.get("step", 0)) + 1)
+            self.steps_seen = max(self.steps_seen, self.steps[e.rank])
 
     def _collective(self, e: Event) -> None:
         key = (e.rank, str(e["op"]))
@@ -113,6 +116,7 @@ class DashboardState:
         self._first_time(start)
         self.intervals.append((e.rank, "compute", start, end))
         self.steps[e.rank] = max(self.steps[e.rank], int(e.get("step", 0)) + 1)
+        self.steps_seen = max(self.steps_seen, self.steps[e.rank])
 
     # -- reading -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
