@@ -264,8 +264,8 @@ class Dashboard:
 
     def on_job_end(self, job) -> None:
         self._job_running = False
-        if self._stop_drawer() is None:  # no thread (no events): the caller's wait draws
-            self._set_status()
+        self._stop_drawer()  # its last frame fits the axes to the data, then it ends
+        self._set_status()
 
     def on_wait_end(self, job) -> None:
         """Called in the notebook's own thread when `run`/`wait` returns: the last frame with
