@@ -5,7 +5,7 @@ calls `on_event`, which only folds them into a `DashboardState`), and a drawing 
 each panel with matplotlib's object API into its own PNG, shown by an ipywidgets Image at twice
 its CSS size in pixels (crisp on a high-density screen). Only panels whose data changed are
 redrawn, at most every `refresh_s` seconds, and never more often than keeps the drawing under
-`max_duty` of one core. The drawing thread runs at the lowest CPU priority (Linux SCHED_IDLE),
+`max_duty` of one core. The drawing thread runs at the lowest CPU priority (Linux nice 19),
 so that on a machine with no spare core it takes the time the ranks leave idle rather than time
 from their steps. It lives as long as a job: when the job ends it draws one last frame with
 axes fitted to the data and ends (`close()` ends it too). Neither thread prints. `from_events`
@@ -75,8 +75,13 @@ def _tidy(fig) -> None:
 
 
 def _lowest_priority() -> None:
-    """Give the calling thread the lowest CPU priority there is (Linux: scheduling policy and
-    nice value are per thread): SCHED_IDLE runs only when no other thread wants the core."""
+    """Give the calling thread the lowest nice value (Linux: nice is per thread), so that on a
+    machine with no spare core it mostly takes the time the ranks leave idle.
+
+    Not SCHED_IDLE by default (DZL_SCHED_IDLE=1 asks for it): a thread that low is preempted for
+    long stretches while it holds the GIL, and the cluster's consumer thread, which needs the GIL
+    to read the ranks' events, waits with it (on a busy, shared 2-core machine some runs drew
+    no frame at all and were no faster for it)."""
     import os
 
     tid = threading.get_native_id()
@@ -84,7 +89,7 @@ def _lowest_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, int(os.environ.get("DZL_NICE", "19")))
     except (AttributeError, OSError, ValueError):
         pass  # elsewhere the drawing runs at normal priority; max_duty still bounds it
-    if os.environ.get("DZL_SCHED_IDLE", "1") != "0":
+    if os.environ.get("DZL_SCHED_IDLE", "0") == "1":
         try:
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
