@@ -110,8 +110,27 @@ def stage(paths: list[Path]) -> None:
         if old.name not in wanted:
             old.unlink()
     for path in paths:
-        # copy2 keeps the time stamp, so Sphinx skips a notebook that did not change
-        shutil.copy2(executed_copy(path), STAGING / path.name)
+        # written only when it changed, so Sphinx skips a notebook that did not
+        _write_if_changed(STAGING / path.name, with_stubs(executed_copy(path), path))
+
+
+def with_stubs(executed: Path, original: Path) -> str:
+    """The executed notebook with each exercise cell showing its stub again: the site shows a
+    lesson as it ships (its solutions stay hidden), with the outputs of a solved run."""
+    import nbformat
+
+    from ddpzero_lab.course import notebooks as course_notebooks
+
+    nb = nbformat.read(str(executed), as_version=4)
+    stubs = [
+        c for c in course_notebooks.load(original).cells if "exercise" in course_notebooks.tags(c)
+    ]
+    cells = [c for c in nb.cells if "exercise" in course_notebooks.tags(c)]
+    if len(stubs) != len(cells):
+        raise SystemExit(f"{original.name} changed since it was executed: run make test again")
+    for cell, stub in zip(cells, stubs, strict=True):
+        cell.source = stub.source
+    return nbformat.writes(nb)
 
 
 def _write_if_changed(path: Path, text: str) -> None:
