@@ -212,13 +212,16 @@ def _restart_and_run_all(page) -> None:
         except Exception:
             page.keyboard.press("Escape")
             continue
-        _accept_dialog(page)
-        deadline = time.monotonic() + 30
+        if not _accept_dialog(page):
+            continue  # the click went nowhere: no "Restart Kernel?" dialog came
+        # restarting can take a while on a busy machine; clicking again would restart again
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             state = _state(page)
             if state["busy"] or state["ran"]:
                 return
             time.sleep(0.2)
+        break
     raise AssertionError("Restart Kernel and Run All Cells did not start any cell")
 
 
