@@ -147,12 +147,13 @@ class FlatShards:
         self.dtype = dtype or first.dtype  # of the gradient buffer and the gathered values
         self.device = first.device
         self.grad: torch.Tensor | None = None  # the gradient buffer, padded, while alive
-        # this rank's piece of each parameter: (index, start, end) in buffer positions
-        self.pieces = [
-            (i, *span)
-            for i in range(len(self.params))
-            if (span := self.layout.overlap(i, self.lo, self.hi)) is not None
-        ]
+        self.data: torch.Tensor | None = None  # the parameters' flat buffer, where one is kept
+        # this rank's piece of each tensor, (start, end) in buffer positions, empty where the
+        # tensor lies outside [lo, hi): one piece per tensor, so each gets its own leaf
+        self.pieces = []
+        for offset, size in zip(self.layout.offsets, self.layout.sizes(), strict=True):
+            a = min(max(offset, self.lo), self.hi)
+            self.pieces.append((a, max(a, min(offset + size, self.hi))))
 
     def __len__(self) -> int:
         return len(self.params)
@@ -172,15 +173,22 @@ class FlatShards:
         return self.layout.views(buffer)
 
     def shard_views(self, shard: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's piece of each parameter in `pieces`, as 1-D views into `shard` (a
-        tensor of this rank's slice, shard_numel elements)."""
-        return [shard[a - self.lo : b - self.lo] for _, a, b in self.pieces]
+        """This rank's piece of each tensor as a 1-D view into `shard` (a tensor of this
+        rank's slice, shard_numel elements); 0 elements for a tensor outside the slice."""
+        return [shard[a - self.lo : b - self.lo] for a, b in self.pieces]
 
-    def piece_ranges(self) -> list[tuple[int, int, int]]:
-        """(index, start, end) of each piece in the parameter's own flattened numbering."""
+    def piece_ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of each piece in its tensor's own flattened numbering."""
         return [
-            (i, a - self.layout.offsets[i], b - self.layout.offsets[i]) for i, a, b in self.pieces
+            (a - offset, b - offset)
+            for (a, b), offset in zip(self.pieces, self.layout.offsets, strict=True)
         ]
+
+    def shard_leaves(self, shard: torch.Tensor) -> list[torch.nn.Parameter]:
+        """One optimizer leaf per tensor, sharing memory with its piece of `shard`: stepping
+        the leaf updates the shard in place, and a leaf whose .grad is None is skipped exactly
+        as one process skips a parameter with no gradient."""
+        return [torch.nn.Parameter(view) for view in self.shard_views(shard.detach())]
 
     def grad_buffer(self) -> torch.Tensor:
         """The gradient buffer, zero-filled when it is (re)allocated."""

@@ -170,7 +170,7 @@ class Reducer:
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         if not self.enabled:
             return  # no_sync(): gradients accumulate locally in .grad
-        self._start_backward()
+        self.start_backward()
         if self.record_arrival:
             self.arrival.append(id(param))
         bucket, position = self._where[id(param)]
@@ -194,8 +194,10 @@ class Reducer:
             param.grad = view  # ZeRO-1: later accumulation goes into the bucket itself
         self._used_here.add(id(param))
         self._mark_ready(bucket, position)
+        if self.grads == "release":
+            self.release_completed()  # P_os+g: a reduced bucket's full gradients go at once
 
-    def _start_backward(self) -> None:
+    def start_backward(self) -> None:
         if self._backward_started:
             return
         self._backward_started = True
@@ -260,7 +262,7 @@ class Reducer:
         if bucket.launched:
             return
         if self.launch != "at_step":
-            self._start_backward()
+            self.start_backward()
         for position in range(len(bucket.storage)):
             if position not in bucket.ready:
                 self._mark_unused(bucket, position)
