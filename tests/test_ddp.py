@@ -238,3 +238,30 @@ def test_parallelize_ddp_trains_like_one_process(ncluster, optimizer):
     ):
         assert_same_parameters(got, want)
         assert not torch.equal(got["hidden.weight"], init["hidden.weight"])  # it trained
+
+
+def _wrap_twice():
+    model = nn.Linear(3, 3)
+    ddp = dzl.DDP(model)
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    again = [
+        lambda: dzl.DDP(model),
+        lambda: dzl.DDP(ddp),
+        lambda: dzl.parallelize(model, "ddp", optimizer=sgd),
+        lambda: dzl.parallelize(ddp, "zero2", optimizer=sgd),
+        lambda: dzl.parallelize(model, "zero3", optimizer=sgd),
+    ]
+    for wrap in again:
+        with pytest.raises(ValueError, match="already wrapped by 'ddp'"):
+            wrap()
+    # the refused calls left no second set of hooks: one all-reduce per bucket, the mean
+    dzl.reset_traffic()
+    ddp(torch.full((1, 3), float(dzl.rank()))).sum().backward()
+    return dzl.traffic()["all_reduce"]["calls"], model.weight.grad.clone()
+
+
+def test_wrapping_a_wrapped_module_is_refused(cluster):
+    n = cluster.world_size
+    for calls, grad in cluster.run(_wrap_twice):
+        assert calls == 1  # one bucket, all-reduced once
+        torch.testing.assert_close(grad, torch.full((3, 3), (n - 1) / 2))

@@ -26,6 +26,7 @@ from torch import nn
 from .. import comm, telemetry
 from .flat import FlatLayout, FlatShards, emit_shard_map, replicated
 from .reducer import Reducer
+from .wrapper import claim
 
 MB = 1024 * 1024
 _COMPRESSIONS = (None, "bf16", "fp16")
@@ -116,6 +117,7 @@ class DDP(nn.Module):
                 "DDP needs a process group: build it inside a LiveCluster job or after "
                 "torch.distributed.init_process_group"
             )
+        claim("ddp", module, self)
         self.module = module
         self.group = group
         self.world_size = dist.get_world_size(group)

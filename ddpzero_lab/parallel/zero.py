@@ -37,7 +37,7 @@ from .. import comm, telemetry
 from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map, replicated
 from .reducer import Reducer
-from .wrapper import WrappedOptimizer
+from .wrapper import WrappedOptimizer, claim
 
 MB = 1024 * 1024
 
@@ -110,6 +110,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         ):
             raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
         check_process_group("ZeRO")
+        claim(f"zero{stage}", module)
         self.module = module
         self.stage = stage
         self.group = group

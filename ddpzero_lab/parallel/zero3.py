@@ -40,7 +40,7 @@ from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map
 from .precision import cast_at_edges, check_precision
 from .reducer import Reducer
-from .wrapper import WrappedOptimizer
+from .wrapper import WrappedOptimizer, claim
 from .zero import (
     ShardedOptimizerState,
     check_process_group,
@@ -157,6 +157,7 @@ class Zero3:
         group=None,
     ) -> None:
         check_process_group("ZeRO-3")
+        claim("zero3", module)
         if units is not None and not callable(units):
             raise TypeError("units must be a callable (name, module) -> bool")
         self.dtype = check_precision(precision)
