@@ -153,7 +153,7 @@ class Reducer:
         if not torch.is_grad_enabled() or not self.enabled:
             return
         reached = self._reached if self._reached is not None else set()
-        stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+        stack = [t.grad_fn for t in tensors_in(outputs) if t.grad_fn is not None]
         seen = set()
         while stack:
             node = stack.pop()
@@ -371,12 +371,13 @@ class Reducer:
         self.unused = set()
 
 
-def _tensors(value):
+def tensors_in(value):
+    """The tensors in a (nested) tuple, list or dict, in order."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)

@@ -39,7 +39,7 @@ from .. import comm
 from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map
 from .precision import cast_at_edges, check_precision
-from .reducer import Reducer
+from .reducer import Reducer, tensors_in
 from .wrapper import WrappedOptimizer, claim
 from .zero import (
     ShardedOptimizerState,
@@ -360,7 +360,7 @@ class Zero3:
         """Pass the unit's inputs through an identity whose backward runs once the gradients
         of the unit's inputs, and so of all its parameters, are computed (FSDP2's
         RegisterPostBackwardFunction): the unit's reduce-scatter goes there."""
-        inputs = [t for t in _tensors((args, kwargs)) if t.requires_grad]
+        inputs = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
         if not inputs:
             return None
         unit.hooked += 1
@@ -372,7 +372,7 @@ class Zero3:
             if unit.module is self.module:
                 self._recording = False  # the first forward is over: the order is known
             if torch.is_grad_enabled():
-                for t in _tensors(output):
+                for t in tensors_in(output):
                     if t.requires_grad:
                         t.register_hook(self._pre_backward(unit))
             self._free(unit)
@@ -446,17 +446,6 @@ def _replace(value, old: list, new):
     if isinstance(value, dict):
         return {k: _replace(v, old, new) for k, v in value.items()}
     return value
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
 
 
 class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
