@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .parallel.flat import FlatLayout
+from .parallel.zero import ZeroShardedOptimizer
 
 FORMAT = "ddpzero_lab-checkpoint-1"
 
@@ -49,7 +50,8 @@ class _Group:
     hi: int
     values: torch.Tensor  # the authoritative (fp32) values of [lo, hi)
     copies: list[torch.Tensor]  # compute-dtype tensors to refresh from `values` after a load
-    state_key: Any  # the optimizer's key for this group's state (None: no optimizer state)
+    state_keys: list[Any]  # per tensor, the optimizer's key for its state (None: no state):
+    # for sharded strategies the leaf of this rank's piece of it
     writer: bool  # whether this rank writes the group (replicated groups: rank 0 only)
     full_target: torch.Tensor | None = None  # a whole flat buffer every rank holds (ZeRO-1/2)
 
@@ -74,7 +76,7 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
                 f.hi,
                 f.master,
                 [f.local] if f.local is not f.master else [],
-                f.master if f.trainable else None,
+                list(f.leaves) if f.trainable else [None] * len(f.params),
                 True,
             )
             for u in engine.units
@@ -82,21 +84,22 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
         ]
     groups = []
     covered: set[int] = set()
-    for bucket in getattr(optimizer, "buckets", []):  # ZeRO-1/2
-        groups.append(
-            _Group(
-                [n for n, _ in bucket.params],
-                bucket.layout,
-                bucket.lo,
-                bucket.hi,
-                bucket.shard,
-                [],
-                bucket.shard,
-                True,
-                bucket.flat,  # the parameters are views into it: all of it is loaded
+    if isinstance(optimizer, ZeroShardedOptimizer):  # ZeRO-1/2
+        for (bucket, leaves), shard in zip(optimizer.sharded(), optimizer.shards, strict=True):
+            groups.append(
+                _Group(
+                    [n for n, _ in bucket.params],
+                    bucket.layout,
+                    bucket.lo,
+                    bucket.hi,
+                    shard,
+                    [],
+                    leaves,
+                    True,
+                    bucket.data,  # the parameters are views into it: all of it is loaded
+                )
             )
-        )
-        covered.update(id(p) for _, p in bucket.params)
+            covered.update(id(p) for _, p in bucket.params)
     # bf16-mixed replicated strategies: the optimizer steps fp32 masters of the parameters
     masters = {}
     if hasattr(optimizer, "masters"):
@@ -117,7 +120,7 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
                 p.numel(),
                 values,
                 [p.detach().view(-1)] if master is not None else [],
-                key if p.requires_grad else None,
+                [key if p.requires_grad else None],
                 rank == 0,
             )
         )
@@ -137,18 +140,19 @@ def _pieces(groups: list[_Group], optimizer) -> dict[str, list]:
     for g in groups:
         if not g.writer:
             continue
-        group_state = state.get(g.state_key, {}) if g.state_key is not None else {}
         for index, name in enumerate(g.names):
             span = g.layout.overlap(index, g.lo, g.hi)
             if span is None:
                 continue
+            key_tensor = g.state_keys[index]
+            param_state = state.get(key_tensor, {}) if key_tensor is not None else {}
             begin = g.layout.offsets[index]
             a, b = span[0] - g.lo, span[1] - g.lo
             where = (span[0] - begin, span[1] - begin)
             out.setdefault(f"param/{name}", []).append((*where, g.values.detach()[a:b].clone()))
-            for key, value in group_state.items():
+            for key, value in param_state.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:  # one value per element
-                    piece = value.detach().reshape(-1)[a:b].clone()
+                    piece = value.detach().reshape(-1).clone()  # this rank's piece of it
                     out.setdefault(f"optim/{name}/{key}", []).append((*where, piece))
                 else:  # a counter such as Adam's step
                     scalar = value.item() if isinstance(value, torch.Tensor) else value
@@ -385,37 +389,37 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> dict:
 
 def _load_group(g: _Group, full: dict, inner) -> None:
     flat = torch.zeros(g.layout.padded_numel, dtype=g.values.dtype)
-    states: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
     for index, name in enumerate(g.names):
         begin, numel = g.layout.offsets[index], int(g.layout.shapes[index].numel())
         flat[begin : begin + numel] = full[f"param/{name}"].reshape(-1)
-        for key, value in full.items():
-            if key.startswith(f"optim/{name}/"):
-                state = key.rsplit("/", 1)[1]
-                buffer = states.setdefault(
-                    state, torch.zeros(g.layout.padded_numel, dtype=value.dtype)
-                )
-                buffer[begin : begin + numel] = value.reshape(-1)
-            elif key.startswith(f"scalar/{name}/"):
-                scalars[key.rsplit("/", 1)[1]] = value
     if g.full_target is not None:
         g.full_target.copy_(flat)
     g.values.copy_(flat[g.lo : g.hi].view_as(g.values))
     for copy in g.copies:
         copy.copy_(g.values.view_as(copy))
-    if inner is None or g.state_key is None:
+    if inner is None:
         return
-    if not states and not scalars:
-        inner.state.pop(g.state_key, None)
-        return
-    key_tensor = g.state_key  # the optimizer's parameter: its state has its shape
-    entry: dict[str, Any] = {
-        k: v[g.lo : g.hi].to(key_tensor.device).view_as(key_tensor) for k, v in states.items()
-    }
-    for key, value in scalars.items():
-        entry[key] = torch.tensor(value, dtype=torch.float32) if key == "step" else value
-    inner.state[g.state_key] = entry
+    for index, name in enumerate(g.names):
+        key_tensor = g.state_keys[index]  # the optimizer's tensor: its state has its shape
+        if key_tensor is None:
+            continue
+        span = g.layout.overlap(index, g.lo, g.hi)
+        begin = g.layout.offsets[index]
+        start, end = (span[0] - begin, span[1] - begin) if span is not None else (0, 0)
+        entry: dict[str, Any] = {}
+        for key, value in full.items():
+            if key.startswith(f"optim/{name}/"):
+                piece = value.reshape(-1)[start:end].to(key_tensor.device)
+                entry[key.rsplit("/", 1)[1]] = piece.view_as(key_tensor).clone()
+            elif key.startswith(f"scalar/{name}/"):
+                state = key.rsplit("/", 1)[1]
+                entry[state] = (
+                    torch.tensor(value, dtype=torch.float32) if state == "step" else value
+                )
+        if entry:
+            inner.state[key_tensor] = entry
+        else:
+            inner.state.pop(key_tensor, None)
 
 
 def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:

@@ -411,3 +411,17 @@ def format_gb(gb: float) -> str:
     places = Decimal("0.1") if gb >= 10 else Decimal("0.01")
     text = f"{Decimal(repr(gb)).quantize(places, rounding=ROUND_HALF_UP):f}"
     return text.rstrip("0").rstrip(".")
+
+
+def _attach_tracker(model: nn.Module, optimizer: Any) -> None:
+    MemoryTracker().attach(model, optimizer)
+
+
+def _register() -> None:
+    from .parallel import api
+
+    if _attach_tracker not in api._TRACKERS:
+        api.register_tracker(_attach_tracker)
+
+
+_register()  # parallelize(..., track_memory=True) attaches a tracker

@@ -10,7 +10,13 @@ import sys
 
 import pytest
 import torch
-from equivalence import OPTIMIZERS, assert_same_parameters, global_batch, make_model
+from equivalence import (
+    OPTIMIZERS,
+    assert_same_parameters,
+    global_batch,
+    make_model,
+    train_single_process,
+)
 from torch import nn
 
 import ddpzero_lab as dzl
@@ -24,14 +30,23 @@ def clusters():
         yield {2: two, 3: three}
 
 
-def _train(strategy, steps, start=0, save=None, load=None, precision="fp32", crash=False):
+def _train(
+    strategy,
+    steps,
+    start=0,
+    save=None,
+    load=None,
+    precision="fp32",
+    crash=False,
+    optimizer="adamw",
+):
     """Steps [start, start+steps) of one run on the global batches; optionally load a
     checkpoint first and save one after."""
     rank, n = dzl.rank(), dzl.world_size()
     model = make_model(seed=0)
     options = {"find_unused_parameters": True} if strategy == "ddp" else {}
     model, opt = dzl.parallelize(
-        model, strategy, optimizer=OPTIMIZERS["adamw"], precision=precision, **options
+        model, strategy, optimizer=OPTIMIZERS[optimizer], precision=precision, **options
     )
     if load is not None:
         info = dzl.load_checkpoint(load, model, opt)
@@ -69,22 +84,28 @@ def _train(strategy, steps, start=0, save=None, load=None, precision="fp32", cra
         ("zero3", "bf16-mixed"),
     ],
 )
-def test_resume_equals_an_uninterrupted_run(clusters, tmp_path, strategy, precision):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_resume_equals_an_uninterrupted_run(clusters, tmp_path, strategy, precision, optimizer):
     cluster = clusters[2]
-    straight = cluster.run(_train, strategy, 4, precision=precision)[0]
-    cluster.run(_train, strategy, 2, save=tmp_path, precision=precision)
-    resumed = cluster.run(_train, strategy, 2, start=2, load=tmp_path, precision=precision)
+    kw = {"precision": precision, "optimizer": optimizer}
+    straight = cluster.run(_train, strategy, 4, **kw)[0]
+    if precision == "fp32":  # and the run itself is one process's (12 samples a step)
+        assert_same_parameters(straight, train_single_process(optimizer, 6, 4, 2))
+    cluster.run(_train, strategy, 2, save=tmp_path, **kw)
+    resumed = cluster.run(_train, strategy, 2, start=2, load=tmp_path, **kw)
     for got in resumed:
         assert_same_parameters(got, straight, atol=0)  # exactly: nothing was lost
 
 
-def test_reshard_on_load_to_another_world_size_and_strategy(clusters, tmp_path):
-    straight = clusters[2].run(_train, "zero1", 4)[0]
-    saved = clusters[2].run(_train, "zero3", 2, save=tmp_path)[0]
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_reshard_on_load_to_another_world_size_and_strategy(clusters, tmp_path, optimizer):
+    straight = clusters[2].run(_train, "zero1", 4, optimizer=optimizer)[0]
+    assert_same_parameters(straight, train_single_process(optimizer, 6, 4, 2))
+    saved = clusters[2].run(_train, "zero3", 2, save=tmp_path, optimizer=optimizer)[0]
     # loaded by 3 ranks into another strategy: the same parameters, then the same training
-    for got in clusters[3].run(_train, "zero1", 0, start=2, load=tmp_path):
+    for got in clusters[3].run(_train, "zero1", 0, start=2, load=tmp_path, optimizer=optimizer):
         assert_same_parameters(got, saved, atol=0)
-    for got in clusters[3].run(_train, "zero2", 2, start=2, load=tmp_path):
+    for got in clusters[3].run(_train, "zero2", 2, start=2, load=tmp_path, optimizer=optimizer):
         assert_same_parameters(got, straight, atol=1e-6)  # another N sums in another order
     # and into a plain module outside any cluster
     model = make_model(seed=5)

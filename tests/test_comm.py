@@ -5,6 +5,8 @@ One cluster per world size (2, 3, 4), shared by the tests of this module.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,13 +32,36 @@ def _data(numel, dtype, salt=0):
     return torch.randint(-8, 8, (numel,), generator=g).to(dtype)
 
 
+@contextlib.contextmanager
+def _handed_to_torch():
+    """Tally the bytes the rings really hand to torch's isend and recv, apart from any
+    counter: the independent measurement the model and the counters are held against."""
+    handed = {"sent": 0, "recv": 0}
+    isend, recv = dist.isend, dist.recv
+
+    def counting_isend(tensor, *args, **kwargs):
+        handed["sent"] += tensor.numel() * tensor.element_size()
+        return isend(tensor, *args, **kwargs)
+
+    def counting_recv(tensor, *args, **kwargs):
+        handed["recv"] += tensor.numel() * tensor.element_size()
+        return recv(tensor, *args, **kwargs)
+
+    dist.isend, dist.recv = counting_isend, counting_recv
+    try:
+        yield handed
+    finally:
+        dist.isend, dist.recv = isend, recv
+
+
 def _all_reduce_case(numel, dtype):
     n, r = dzl.world_size(), dzl.rank()
     x = _data(numel, dtype)
     ours, ring, ref = x.clone(), x.clone(), x.clone()
     dzl.reset_traffic()
     comm.all_reduce(ours)
-    comm.ring_all_reduce(ring)
+    with _handed_to_torch() as handed:
+        comm.ring_all_reduce(ring)
     dist.all_reduce(ref)
     counters = dzl.traffic()
     e = x.element_size()
@@ -46,6 +71,7 @@ def _all_reduce_case(numel, dtype):
         "model": traffic_model("all_reduce", numel, e, n, r),
         "counted": (counters["all_reduce"]["sent"], counters["all_reduce"]["recv"]),
         "measured": (counters["ring_all_reduce"]["sent"], counters["ring_all_reduce"]["recv"]),
+        "handed": (handed["sent"], handed["recv"]),
         "bytes": (counters["all_reduce"]["bytes"], counters["ring_all_reduce"]["bytes"]),
         "calls": counters["all_reduce"]["calls"],
     }
@@ -59,7 +85,9 @@ def test_all_reduce_and_ring_all_reduce_match_torch_and_the_model(ncluster, dtyp
         results = ncluster.run(_all_reduce_case, numel, dtype)
         for r, out in enumerate(results):
             assert out["ours"] and out["ring"], (numel, r)
-            assert out["counted"] == out["model"] == out["measured"], (numel, r, out)
+            # the counter (the model's figure) against the bytes a ring really hands to torch
+            assert out["counted"] == out["model"] == out["handed"], (numel, r, out)
+            assert out["measured"] == out["handed"], (numel, r, out)
             assert out["bytes"] == (numel * e, numel * e) and out["calls"] == 1
         # the textbook figure: each rank sends and receives 2(N-1)/N·B when N divides numel
         if numel % n == 0:
@@ -74,13 +102,15 @@ def _scatter_gather_case(chunk, dtype):
     dzl.reset_traffic()
     ours, ring, ref = (torch.empty(chunk, dtype=dtype) for _ in range(3))
     comm.reduce_scatter(ours, x)
-    comm.ring_reduce_scatter(ring, x)
+    with _handed_to_torch() as rs_handed:
+        comm.ring_reduce_scatter(ring, x)
     dist.reduce_scatter_tensor(ref, x.clone())
     unchanged = torch.equal(x, _data(n * chunk, dtype, salt=1))
     piece = _data(chunk, dtype, salt=2)
     g_ours, g_ring, g_ref = (torch.empty(n * chunk, dtype=dtype) for _ in range(3))
     comm.all_gather(g_ours, piece)
-    comm.ring_all_gather(g_ring, piece)
+    with _handed_to_torch() as ag_handed:
+        comm.ring_all_gather(g_ring, piece)
     dist.all_gather_into_tensor(g_ref, piece)
     c = dzl.traffic()
     e = x.element_size()
@@ -90,9 +120,11 @@ def _scatter_gather_case(chunk, dtype):
         "rs_model": traffic_model("reduce_scatter", n * chunk, e, n, r),
         "rs_counted": (c["reduce_scatter"]["sent"], c["reduce_scatter"]["recv"]),
         "rs_measured": (c["ring_reduce_scatter"]["sent"], c["ring_reduce_scatter"]["recv"]),
+        "rs_handed": (rs_handed["sent"], rs_handed["recv"]),
         "ag_model": traffic_model("all_gather", n * chunk, e, n, r),
         "ag_counted": (c["all_gather"]["sent"], c["all_gather"]["recv"]),
         "ag_measured": (c["ring_all_gather"]["sent"], c["ring_all_gather"]["recv"]),
+        "ag_handed": (ag_handed["sent"], ag_handed["recv"]),
     }
 
 
@@ -106,6 +138,7 @@ def test_reduce_scatter_and_all_gather_match_torch_and_the_model(ncluster, dtype
             expected = ((n - 1) * chunk * e,) * 2  # (N-1)/N·B with B = N·chunk elements
             assert out["rs_model"] == out["rs_counted"] == out["rs_measured"] == expected
             assert out["ag_model"] == out["ag_counted"] == out["ag_measured"] == expected
+            assert out["rs_handed"] == out["ag_handed"] == expected  # really handed to torch
 
 
 def _broadcast_send_barrier_case():
@@ -142,9 +175,13 @@ def _broadcast_send_barrier_case():
 def test_broadcast_point_to_point_barrier_and_async(ncluster):
     n = ncluster.world_size
     results = ncluster.run(_broadcast_send_barrier_case)
-    for out in results:
+    src = n - 1
+    for r, out in enumerate(results):
         assert out["ok"]
-        assert out["bcast"] == out["bcast_model"]
+        # 10 float32 = 40 bytes along the chain src, src+1, ...: the source only sends, the
+        # chain's last rank (src - 1) only receives, the others pass the tensor on
+        want = (0 if r == (src - 1) % n else 40, 0 if r == src else 40)
+        assert out["bcast"] == out["bcast_model"] == want, (r, out["bcast"])
         assert out["send"] == (24, 0, 1) and out["recv"] == (0, 24, 1)
         assert out["barrier"] == (1, 0)
         assert out["async_counted_at_wait"] == (0, 1) and out["seconds"] > 0

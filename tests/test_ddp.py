@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from equivalence import OPTIMIZERS, Net, assert_same_parameters
 from torch import nn
 
@@ -228,12 +227,41 @@ def test_bad_options(ncluster):
         assert len(errors) == 3
 
 
-def test_parallelize_ddp_trains_like_one_process(ncluster):
-    from equivalence import train_on_rank, train_single_process
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_parallelize_ddp_trains_like_one_process(ncluster, optimizer):
+    from equivalence import make_model, train_on_rank, train_single_process
 
-    want = train_single_process("adamw", ncluster.world_size, STEPS, LOCAL_BATCH)
+    want = train_single_process(optimizer, ncluster.world_size, STEPS, LOCAL_BATCH)
+    init = make_model(0).state_dict()
     for got in ncluster.run(
-        train_on_rank, "ddp", "adamw", STEPS, LOCAL_BATCH, find_unused_parameters=True
+        train_on_rank, "ddp", optimizer, STEPS, LOCAL_BATCH, find_unused_parameters=True
     ):
         assert_same_parameters(got, want)
-    assert dist.is_available()
+        assert not torch.equal(got["hidden.weight"], init["hidden.weight"])  # it trained
+
+
+def _wrap_twice():
+    model = nn.Linear(3, 3)
+    ddp = dzl.DDP(model)
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    again = [
+        lambda: dzl.DDP(model),
+        lambda: dzl.DDP(ddp),
+        lambda: dzl.parallelize(model, "ddp", optimizer=sgd),
+        lambda: dzl.parallelize(ddp, "zero2", optimizer=sgd),
+        lambda: dzl.parallelize(model, "zero3", optimizer=sgd),
+    ]
+    for wrap in again:
+        with pytest.raises(ValueError, match="already wrapped by 'ddp'"):
+            wrap()
+    # the refused calls left no second set of hooks: one all-reduce per bucket, the mean
+    dzl.reset_traffic()
+    ddp(torch.full((1, 3), float(dzl.rank()))).sum().backward()
+    return dzl.traffic()["all_reduce"]["calls"], model.weight.grad.clone()
+
+
+def test_wrapping_a_wrapped_module_is_refused(cluster):
+    n = cluster.world_size
+    for calls, grad in cluster.run(_wrap_twice):
+        assert calls == 1  # one bucket, all-reduced once
+        torch.testing.assert_close(grad, torch.full((3, 3), (n - 1) / 2))

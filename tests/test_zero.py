@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from equivalence import (
+    OPTIMIZER_CLASSES,
     OPTIMIZERS,
     assert_same_parameters,
     global_batch,
@@ -47,14 +48,14 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.mix(self.embed(tokens))))
 
 
-def _tied_run(strategy, steps):
+def _tied_run(strategy, steps, optimizer="adamw"):
     rank, n = dzl.rank(), dzl.world_size()
     torch.manual_seed(rank)
     model = Tied()
     if strategy != "single":
-        model, opt = dzl.parallelize(model, strategy, optimizer=OPTIMIZERS["adamw"])
+        model, opt = dzl.parallelize(model, strategy, optimizer=OPTIMIZERS[optimizer])
     else:
-        opt = OPTIMIZERS["adamw"](model.parameters())
+        opt = OPTIMIZERS[optimizer](model.parameters())
     g = torch.Generator().manual_seed(7)
     for _ in range(steps):
         tokens = torch.randint(0, 11, (n * 4, 5), generator=g)
@@ -66,13 +67,14 @@ def _tied_run(strategy, steps):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_tied_weights(ncluster):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_tied_weights(ncluster, optimizer):
     # one process, on all ranks' tokens at once (world_size x 4 rows), from rank 0's init
     n = ncluster.world_size
     torch.manual_seed(0)
     model = Tied()
     assert model.out.weight is model.embed.weight
-    opt = OPTIMIZERS["adamw"](model.parameters())
+    opt = OPTIMIZERS[optimizer](model.parameters())
     g = torch.Generator().manual_seed(7)
     for _ in range(STEPS):
         tokens = torch.randint(0, 11, (n * 4, 5), generator=g)
@@ -81,7 +83,7 @@ def test_tied_weights(ncluster):
         opt.zero_grad()
     want = model.state_dict()
     for strategy in ("zero1", "zero2"):
-        for got in ncluster.run(_tied_run, strategy, STEPS):
+        for got in ncluster.run(_tied_run, strategy, STEPS, optimizer):
             assert_same_parameters(got, want)
             assert torch.equal(got["out.weight"], got["embed.weight"])  # still one tensor
 
@@ -99,7 +101,21 @@ def _memory_and_traffic(strategy):
     traffic = dzl.traffic()  # stage 1 reduce-scatters inside step(), stage 2 in backward
     after_step = model_state_bytes(model, opt)
     padded = sum(b.layout.padded_numel for b in opt.buckets)
-    return after_backward, after_step, traffic, padded, len(opt.buckets)
+    # the parameters that get a gradient (not `unused`): the optimizer keeps state for each,
+    # for this rank's piece of it only (from the layout, not from the optimizer)
+    stepped = [
+        (b, i)
+        for b in opt.buckets
+        for i, (name, _) in enumerate(b.params)
+        if name != "unused" and not name.startswith("unused.")
+    ]
+    mine = sum(
+        end - start
+        for b, i in stepped
+        for r, start, end in b.layout.owners(i, dzl.world_size())
+        if r == dzl.rank()
+    )
+    return after_backward, after_step, traffic, padded, len(opt.buckets), (mine, len(stepped))
 
 
 def test_memory_per_rank_is_the_formula_up_to_padding(ncluster):
@@ -108,23 +124,28 @@ def test_memory_per_rank_is_the_formula_up_to_padding(ncluster):
     psi = sum(p.numel() for p in trainable)
     frozen = sum(p.numel() for p in make_model().parameters() if not p.requires_grad)
     for strategy in ("zero1", "zero2"):
-        for after_backward, after_step, _, padded, buckets in ncluster.run(
+        for after_backward, after_step, _, padded, buckets, (mine, stepped) in ncluster.run(
             _memory_and_traffic, strategy
         ):
             assert padded - psi < n * buckets  # padding: fewer than N elements per buffer
             shard = padded // n
-            # Adam's two moments for this rank's slice only, and one step counter per shard
-            assert after_step["optimizer"] == 2 * 4 * shard + 4 * buckets
+            assert 0 < mine <= shard
+            # Adam's two moments for this rank's piece of each parameter that gets a gradient
+            # (one leaf per parameter piece: padding and the unused parameter hold no state),
+            # and one step counter per such parameter
+            assert after_step["optimizer"] == 2 * 4 * mine + 4 * stepped
             assert after_step["params"] == 4 * (padded + frozen)  # the flat buffers: full
             if strategy == "zero2":
-                # the full gradients were released in backward: only the shard's remain
+                # the full gradients were released in backward: only the shard's remain,
+                # and no full gradient buffer is left either (filed as scratch)
                 assert after_backward["grads"] == 4 * shard
+                assert after_backward["scratch"] == 0
 
 
 def test_traffic_per_step_is_two_psi(ncluster):
     n = ncluster.world_size
     for strategy in ("zero1", "zero2"):
-        for _, _, traffic, padded, _ in ncluster.run(_memory_and_traffic, strategy):
+        for _, _, traffic, padded, *_ in ncluster.run(_memory_and_traffic, strategy):
             sent_ag = traffic["all_gather"]["sent"]
             assert sent_ag == (n - 1) * (padded // n) * 4
             if strategy == "zero1":
@@ -133,17 +154,15 @@ def test_traffic_per_step_is_two_psi(ncluster):
                 assert total == 2 * (n - 1) * padded * 4 // n  # 2Ψ·(N-1)/N, up to padding
 
 
-def _against_torch_zero(steps):
+def _against_torch_zero(steps, optimizer="adamw"):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     rank, n = dzl.rank(), dzl.world_size()
-    ours, opt = dzl.parallelize(make_model(rank), "zero1", optimizer=OPTIMIZERS["adamw"])
+    ours, opt = dzl.parallelize(make_model(rank), "zero1", optimizer=OPTIMIZERS[optimizer])
     theirs = nn.parallel.DistributedDataParallel(make_model(0), find_unused_parameters=True)
+    cls, kwargs = OPTIMIZER_CLASSES[optimizer]
     zero = ZeroRedundancyOptimizer(
-        [p for p in theirs.parameters() if p.requires_grad],
-        optimizer_class=torch.optim.AdamW,
-        lr=0.01,
-        weight_decay=0.1,
+        [p for p in theirs.parameters() if p.requires_grad], optimizer_class=cls, **kwargs
     )
     for step in range(steps):
         x, y = global_batch(step, n, LOCAL_BATCH)
@@ -155,12 +174,15 @@ def _against_torch_zero(steps):
     return ours.state_dict(), theirs.module.state_dict()
 
 
-def test_same_result_as_torch_zero_redundancy_optimizer(ncluster):
-    for ours, theirs in ncluster.run(_against_torch_zero, STEPS):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_same_result_as_torch_zero_redundancy_optimizer(ncluster, optimizer):
+    want = train_single_process(optimizer, ncluster.world_size, STEPS, LOCAL_BATCH)
+    for ours, theirs in ncluster.run(_against_torch_zero, STEPS, optimizer):
         assert_same_parameters(ours, theirs)
+        assert_same_parameters(ours, want)
 
 
-def _round_trip(steps):
+def _round_trip(steps, optimizer="adamw"):
     rank, n = dzl.rank(), dzl.world_size()
 
     def run(model, opt, begin, end):
@@ -171,22 +193,25 @@ def _round_trip(steps):
             opt.step()
             opt.zero_grad()
 
-    straight, opt = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    straight, opt = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS[optimizer])
     run(straight, opt, 0, steps)
-    first, opt1 = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    first, opt1 = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS[optimizer])
     run(first, opt1, 0, steps // 2)
     saved_model = {k: v.clone() for k, v in first.state_dict().items()}
     saved_opt = opt1.state_dict()
-    second, opt2 = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS["adamw"])
+    second, opt2 = dzl.parallelize(make_model(0), "zero2", optimizer=OPTIMIZERS[optimizer])
     second.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     run(second, opt2, steps // 2, steps)
     return straight.state_dict(), second.state_dict()
 
 
-def test_sharded_state_dict_round_trip(ncluster):
-    for straight, resumed in ncluster.run(_round_trip, 4):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # SGD: momentum buffers round-trip
+def test_sharded_state_dict_round_trip(ncluster, optimizer):
+    want = train_single_process(optimizer, ncluster.world_size, 4, LOCAL_BATCH)
+    for straight, resumed in ncluster.run(_round_trip, 4, optimizer):
         assert_same_parameters(resumed, straight)
+        assert_same_parameters(resumed, want)
 
 
 def test_bad_options(ncluster):
@@ -199,7 +224,7 @@ def test_bad_options(ncluster):
     assert all("bucket_cap_mb" in text for text in ncluster.run(run))
 
 
-def _drop_in(steps):
+def _drop_in(steps, optimizer="adamw"):
     """dzl.ZeroOptimizer and torch's ZeroRedundancyOptimizer, each behind torch's DDP."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -209,10 +234,9 @@ def _drop_in(steps):
         for _ in range(2)
     ]
     trainable = [[p for p in m.parameters() if p.requires_grad] for m in models]
-    ours = dzl.ZeroOptimizer(trainable[0], torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-    theirs = ZeroRedundancyOptimizer(
-        trainable[1], optimizer_class=torch.optim.AdamW, lr=0.01, weight_decay=0.1
-    )
+    cls, kwargs = OPTIMIZER_CLASSES[optimizer]
+    ours = dzl.ZeroOptimizer(trainable[0], cls, **kwargs)
+    theirs = ZeroRedundancyOptimizer(trainable[1], optimizer_class=cls, **kwargs)
     dzl.reset_traffic()
     for step in range(steps):
         x, y = global_batch(step, n, LOCAL_BATCH)
@@ -224,9 +248,10 @@ def _drop_in(steps):
     return models[0].module.state_dict(), models[1].module.state_dict(), dzl.traffic()
 
 
-def test_zero_optimizer_is_a_drop_in_for_torchs(ncluster):
-    want = train_single_process("adamw", ncluster.world_size, STEPS, LOCAL_BATCH)
-    for ours, theirs, traffic in ncluster.run(_drop_in, STEPS):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_zero_optimizer_is_a_drop_in_for_torchs(ncluster, optimizer):
+    want = train_single_process(optimizer, ncluster.world_size, STEPS, LOCAL_BATCH)
+    for ours, theirs, traffic in ncluster.run(_drop_in, STEPS, optimizer):
         assert_same_parameters(ours, theirs)
         assert_same_parameters(ours, want)
         # its own traffic: one all-gather of the parameters per step (DDP's all-reduce is
@@ -289,7 +314,17 @@ def test_consolidated_state_loads_at_another_world_size(ncluster, tmp_path):
     straight through in one process."""
     n = ncluster.world_size
     full, params = ncluster.run(_consolidated, 2)[0]
-    assert set(full["flat_state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    # keyed per parameter, shaped as it; the parameter no rank uses has no state (as in one
+    # process)
+    shapes = {
+        name: p.shape
+        for name, p in make_model().named_parameters()
+        if p.requires_grad and not name.startswith("unused.")
+    }
+    assert sorted(full["state"]) == sorted(shapes)
+    for name, entry in full["state"].items():
+        assert set(entry) == {"step", "exp_avg", "exp_avg_sq"}
+        assert entry["exp_avg"].shape == shapes[name]
     assert params.keys() == make_model().state_dict().keys()
     path = tmp_path / "state.pt"
     torch.save({"optimizer": full, "model": params}, path)

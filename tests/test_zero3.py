@@ -55,12 +55,12 @@ def _tokens(step, n, batch=4):
     return x, torch.randint(0, 13, (n * batch, 5), generator=g)
 
 
-def _language_run(strategy, steps, precision="fp32"):
+def _language_run(strategy, steps, precision="fp32", optimizer="adamw"):
     rank, n = (dzl.rank(), dzl.world_size()) if strategy != "single" else (0, 1)
     torch.manual_seed(0)
     model = Language()
     world = n if strategy != "single" else steps  # steps doubles as N for the reference
-    opt_fn = OPTIMIZERS["adamw"]
+    opt_fn = OPTIMIZERS[optimizer]
     if strategy == "single":
         model, opt = dzl.parallelize(model, "local", optimizer=opt_fn, precision=precision)
         n, world = steps, steps
@@ -82,9 +82,10 @@ def _language_run(strategy, steps, precision="fp32"):
     return dzl.full_state_dict(model)
 
 
-def test_nested_reused_tied_and_frozen_units_equal_single_process(ncluster):
-    want = _language_run("single", ncluster.world_size)
-    for got in ncluster.run(_language_run, "zero3", STEPS):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_nested_reused_tied_and_frozen_units_equal_single_process(ncluster, optimizer):
+    want = _language_run("single", ncluster.world_size, optimizer=optimizer)
+    for got in ncluster.run(_language_run, "zero3", STEPS, optimizer=optimizer):
         assert_same_parameters(got, want, atol=2e-6)
         assert got["head.weight"].data_ptr() != 0
         torch.testing.assert_close(got["head.weight"], got["embed.weight"], rtol=0, atol=0)
@@ -128,7 +129,7 @@ def test_traffic_is_three_psi_and_parameters_exist_only_while_needed(ncluster):
         assert traffic["all_gather"]["sent"] + traffic["reduce_scatter"]["sent"] == 3 * gathered
 
 
-def _fsdp2_vs_zero3(steps):
+def _fsdp2_vs_zero3(steps, optimizer="adamw"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -139,14 +140,14 @@ def _fsdp2_vs_zero3(steps):
         return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
     ours, ours_opt = dzl.parallelize(
-        model(), "zero3", optimizer=OPTIMIZERS["adamw"], track_memory=False
+        model(), "zero3", optimizer=OPTIMIZERS[optimizer], track_memory=False
     )
     theirs = model()
     mesh = init_device_mesh("cpu", (n,))
     for layer in (theirs[0], theirs[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(theirs, mesh=mesh)
-    theirs_opt = OPTIMIZERS["adamw"](theirs.parameters())
+    theirs_opt = OPTIMIZERS[optimizer](theirs.parameters())
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         x, y = torch.randn(4 * n, 6, generator=g), torch.randn(4 * n, 3, generator=g)
@@ -159,8 +160,9 @@ def _fsdp2_vs_zero3(steps):
     return dzl.full_state_dict(ours), full_theirs
 
 
-def test_agrees_with_fsdp2_fully_shard(ncluster):
-    for ours, theirs in ncluster.run(_fsdp2_vs_zero3, STEPS):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
+def test_agrees_with_fsdp2_fully_shard(ncluster, optimizer):
+    for ours, theirs in ncluster.run(_fsdp2_vs_zero3, STEPS, optimizer):
         assert_same_parameters(ours, theirs, atol=1e-6)
 
 

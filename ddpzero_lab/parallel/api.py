@@ -12,8 +12,17 @@ import torch
 from torch import nn
 
 from ..cluster.context import in_worker
-from ..memory import MemoryTracker
 from .precision import MasterWeightsOptimizer, cast_at_edges, check_precision, to_compute_dtype
+
+# What a layer above attaches to every parallelized model with track_memory on (memory.py
+# registers its tracker here): parallel/ imports nothing from the layers above it.
+_TRACKERS: list[Callable] = []
+
+
+def register_tracker(attach: Callable) -> None:
+    """attach(model, optimizer) is called by parallelize(..., track_memory=True)."""
+    _TRACKERS.append(attach)
+
 
 STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
 AVAILABLE = STRATEGIES
@@ -135,7 +144,8 @@ def parallelize(
     if track_memory is None:
         track_memory = in_worker()
     if track_memory:
-        MemoryTracker().attach(model, opt)
+        for attach in _TRACKERS:
+            attach(model, opt)
     return model, opt
 
 

@@ -18,30 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .. import comm, telemetry
-from .flat import FlatLayout, emit_shard_map, replicated
+from .flat import FlatLayout, FlatShards, emit_shard_map, replicated
+from .reducer import Reducer
+from .wrapper import claim
 
 MB = 1024 * 1024
-_COMPRESSION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class _Bucket:
-    index: int
-    params: list[int]  # indices into DDP._params
-    buffer: torch.Tensor
-    views: list[torch.Tensor]
-    pending: int = 0
-    work: object = None
-    low: torch.Tensor | None = None  # the compressed copy in flight
-    launched_at: float = 0.0
-    ready_params: set[int] = field(default_factory=set)
+_COMPRESSIONS = (None, "bf16", "fp16")
 
 
 def _global_rank(group, rank: int) -> int:
@@ -122,13 +110,14 @@ class DDP(nn.Module):
                 raise ValueError(f"{name} must be a positive number of MB, got {value!r}")
         if mode not in ("bucketed", "naive"):
             raise ValueError(f"mode must be 'bucketed' or 'naive', got {mode!r}")
-        if compression not in _COMPRESSION:
+        if compression not in _COMPRESSIONS:
             raise ValueError(f"compression must be None, 'bf16' or 'fp16', got {compression!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "DDP needs a process group: build it inside a LiveCluster job or after "
                 "torch.distributed.init_process_group"
             )
+        claim("ddp", module, self)
         self.module = module
         self.group = group
         self.world_size = dist.get_world_size(group)
@@ -148,17 +137,28 @@ class DDP(nn.Module):
         self._params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self._sync = True
         self._step = 0
-        self._arrival: list[int] = []
         self._rebuild_pending = False
         self._rebuilt = False
-        self._finalize_queued = False
         self._forward_at = time.time()
-        self._backward_at: float | None = None
-        self._build_buckets(list(reversed(range(len(self._params)))))
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._make_hook(i))
-            for i, (_, p) in enumerate(self._params)
-        ]
+        # DDP is the reducer with all-reduce, gradients left in the buckets (torch's
+        # gradient_as_bucket_view)
+        self.reducer = Reducer(
+            self._make_buckets(list(reversed(range(len(self._params))))),
+            "all_reduce",
+            group,
+            launch="when_ready" if self.overlap else "on_request",
+            grads="view",
+            find_unused_parameters=self.find_unused_parameters,
+            compression=compression,
+            on_finished=self._end_of_step,
+        )
+        self.reducer.record_arrival = self.rebuild_buckets
+        self._naive_queued = False
+        if mode == "naive":
+            self.reducer.remove()  # one all-reduce per parameter after backward instead
+            self._hooks = [
+                p.register_post_accumulate_grad_hook(self._naive_hook) for _, p in self._params
+            ]
         # every rank holds everything: parameters, gradients, optimizer state
         emit_shard_map(
             "ddp",
@@ -168,61 +168,40 @@ class DDP(nn.Module):
         )
 
     # -- buckets ----------------------------------------------------------------------------
-    def _build_buckets(self, order: list[int]) -> None:
+    def _make_buckets(self, order: list[int]) -> list[FlatShards]:
         """Group parameters, in `order`, into buckets of at most bucket_cap_mb (the first one
         first_bucket_mb, so that communication starts early in backward)."""
-        self._buckets: list[_Bucket] = []
-        self._where: dict[int, tuple[int, int]] = {}
         if self.mode == "naive":
-            return
+            return []
+        groups: list[list[int]] = []
         current: list[int] = []
         current_bytes = 0
         cap = self.first_bucket_mb * MB
-
-        def close() -> None:
-            nonlocal current, current_bytes, cap
-            if not current:
-                return
-            tensors = [self._params[i][1] for i in current]
-            layout = FlatLayout.of(tensors)
-            first = tensors[0]
-            buffer = torch.zeros(layout.numel, dtype=first.dtype, device=first.device)
-            bucket = _Bucket(len(self._buckets), list(current), buffer, layout.views(buffer))
-            for slot, i in enumerate(current):
-                self._where[i] = (bucket.index, slot)
-            self._buckets.append(bucket)
-            current, current_bytes, cap = [], 0, self.bucket_cap_mb * MB
-
         for i in order:
             p = self._params[i][1]
+            first = self._params[current[0]][1] if current else p
             if current and (
                 current_bytes + p.numel() * p.element_size() > cap
-                or p.dtype != self._params[current[0]][1].dtype
-                or p.device != self._params[current[0]][1].device
+                or (p.dtype, p.device) != (first.dtype, first.device)
             ):
-                close()
+                groups.append(current)
+                current, current_bytes, cap = [], 0, self.bucket_cap_mb * MB
             current.append(i)
             current_bytes += p.numel() * p.element_size()
-        close()
-        self._reset_iteration()
-
-    def _reset_iteration(self) -> None:
-        for bucket in self._buckets:
-            bucket.pending = len(bucket.params)
-            bucket.ready_params = set()
-            bucket.work = None
-            bucket.low = None
-        self._next_launch = 0
-        self._finalize_queued = False
-        self._backward_at = None
+        if current:
+            groups.append(current)
+        buckets = [FlatShards([self._params[i] for i in g]) for g in groups]
+        for bucket in buckets:
+            bucket.grad_buffer()  # gradients live here: allocated once, kept
+        return buckets
 
     @property
     def bucket_params(self) -> list[list[str]]:
         """Parameter names in each bucket, in launch order."""
-        return [[self._params[i][0] for i in b.params] for b in self._buckets]
+        return [[name for name, _ in b.storage.params] for b in self.reducer.buckets]
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
-        return {"scratch": [b.buffer for b in self._buckets]}
+        return {"scratch": [b.storage.grad for b in self.reducer.buckets]}
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -233,120 +212,41 @@ class DDP(nn.Module):
             if buffers and self.world_size > 1:
                 broadcast_state(buffers, self.group, tag="buffers")
         self._forward_at = time.time()
-        return self.module(*args, **kwargs)
+        output = self.module(*args, **kwargs)
+        if self.find_unused_parameters and self._sync and self.mode != "naive":
+            self.reducer.prepare_for_backward(output)
+        return output
 
     @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally, without communication, inside this block; the first
         backward after it averages the accumulated sum."""
         previous, self._sync = self._sync, False
+        self.reducer.enabled = False
         try:
             yield
         finally:
             self._sync = previous
+            self.reducer.enabled = previous
 
-    # -- backward ------------------------------------------------------------------------------
-    def _make_hook(self, index: int):
-        def hook(param: torch.Tensor) -> None:
-            if not self._sync:
-                return
-            if not self._finalize_queued:
-                self._finalize_queued = True
-                self._backward_at = time.time()
-                torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
-            if self.mode == "naive":
-                return
-            if self._step == 0 and self.rebuild_buckets:
-                self._arrival.append(index)
-            bucket_index, slot = self._where[index]
-            bucket = self._buckets[bucket_index]
-            if index in bucket.ready_params:
-                raise RuntimeError(
-                    f"parameter {self._params[index][0]} received a gradient twice in one step; "
-                    "run extra backward passes inside ddp.no_sync()"
-                )
-            view = bucket.views[slot]
-            if param.grad.data_ptr() != view.data_ptr():
-                view.copy_(param.grad)
-            bucket.ready_params.add(index)
-            bucket.pending -= 1
-            if bucket.pending == 0 and self.overlap:
-                self._launch_ready()
-
-        return hook
-
-    def _launch_ready(self) -> None:
-        # Strictly in bucket order on every rank: collectives pair up by order of issue.
-        while self._next_launch < len(self._buckets):
-            bucket = self._buckets[self._next_launch]
-            if bucket.pending:
-                return
-            self._launch(bucket)
-            self._next_launch += 1
-
-    def _launch(self, bucket: _Bucket) -> None:
-        bucket.buffer.div_(self.world_size)  # pre-divide, as torch does: the sum is the mean
-        bucket.launched_at = time.time()
-        target = bucket.buffer
-        low = _COMPRESSION[self.compression]
-        if low is not None:
-            bucket.low = target.to(low)
-            target = bucket.low
-        bucket.work = comm.all_reduce(
-            target, group=self.group, async_op=True, tag=f"bucket{bucket.index}"
-        )
-
-    def _finalize(self) -> None:
-        """Runs once at the end of backward (an autograd-engine callback)."""
-        backward_end = time.time()
+    # -- backward: the reducer does it; here what is DDP's own ----------------------------------
+    def _end_of_step(self, backward_end: float) -> None:
         try:
-            if self.mode == "naive":
-                self._naive_all_reduce()
-                self._emit_step(backward_end)
-                return
-            unready = [i for b in self._buckets for i in b.params if i not in b.ready_params]
-            globally_unused: set[int] = set()
-            if unready:
-                if not self.find_unused_parameters:
-                    names = ", ".join(self._params[i][0] for i in unready[:5])
-                    more = f" and {len(unready) - 5} more" if len(unready) > 5 else ""
-                    raise RuntimeError(
-                        f"parameters received no gradient in this step: {names}{more}. If the "
-                        "model skips them on purpose, build DDP with find_unused_parameters=True "
-                        "(every rank must make the same choice)"
-                    )
-                for i in unready:
-                    bucket_index, slot = self._where[i]
-                    bucket = self._buckets[bucket_index]
-                    bucket.views[slot].zero_()  # this rank's share of the global batch: 0
-                    bucket.ready_params.add(i)
-                    bucket.pending -= 1
-            if self.find_unused_parameters:
-                used = [1] * len(self._params)
-                for i in unready:
-                    used[i] = 0
-                mask = torch.tensor(used, dtype=torch.int32, device=self._params[0][1].device)
-                comm.all_reduce(mask, group=self.group, tag="unused_mask")
-                globally_unused = {i for i, u in enumerate(mask.tolist()) if u == 0}
-            self._launch_ready()
-            for bucket in self._buckets:
-                bucket.work.wait()
-                if bucket.low is not None:
-                    bucket.buffer.copy_(bucket.low)
-                for slot, i in enumerate(bucket.params):
-                    if i in globally_unused:
-                        continue  # no rank used it: leave .grad as it was, like one process
-                    p = self._params[i][1]
-                    if p.grad is None or p.grad.data_ptr() != bucket.views[slot].data_ptr():
-                        p.grad = bucket.views[slot]
             self._emit_step(backward_end)
         finally:
             if self._step == 0 and self.rebuild_buckets and not self._rebuilt:
                 self._rebuild_pending = True
+                self.reducer.record_arrival = False
             self._step += 1
-            self._reset_iteration()
+
+    def _naive_hook(self, param: torch.Tensor) -> None:
+        if self._sync and not self._naive_queued:
+            self._naive_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._naive_all_reduce)
 
     def _naive_all_reduce(self) -> None:
+        backward_end = time.time()
+        self._naive_queued = False
         missing = [name for name, p in self._params if p.grad is None]
         if missing:
             raise RuntimeError(
@@ -355,16 +255,18 @@ class DDP(nn.Module):
         for name, p in self._params:
             p.grad.div_(self.world_size)
             comm.all_reduce(p.grad, group=self.group, tag=name)
+        self._emit_step(backward_end)
+        self._step += 1
 
     def _emit_step(self, backward_end: float) -> None:
         done = time.time()
-        intervals = sorted(
-            (b.launched_at, getattr(b.work, "completed_at", None) or done)
-            for b in self._buckets
-            if b.work is not None or self.mode != "naive"
-        )
         if self.mode == "naive":  # one all-reduce per parameter, all after backward
             intervals = [(backward_end, done)]
+        else:
+            intervals = sorted(
+                (b.launched_at, getattr(b.work, "completed_at", None) or done)
+                for b in self.reducer.buckets
+            )
         comm_s, cursor = 0.0, float("-inf")
         for start, end in intervals:  # the union of the buckets' in-flight intervals
             start = max(start, cursor)
@@ -377,7 +279,7 @@ class DDP(nn.Module):
             compute_s=backward_end - self._forward_at,
             comm_s=comm_s,
             exposed_comm_s=done - backward_end,
-            buckets=len(self._buckets),
+            buckets=len(self.reducer.buckets),
             forward_start=self._forward_at,
             backward_end=backward_end,
         )
@@ -387,11 +289,12 @@ class DDP(nn.Module):
         on every rank (the ranks must agree on bucket contents)."""
         self._rebuild_pending = False
         self._rebuilt = True
-        seen = list(dict.fromkeys(self._arrival))
+        index = {id(p): i for i, (_, p) in enumerate(self._params)}
+        seen = list(dict.fromkeys(index[k] for k in self.reducer.arrival))
         rest = [i for i in reversed(range(len(self._params))) if i not in set(seen)]
         # on the parameters' device: nccl moves only CUDA tensors
         order = torch.tensor(seen + rest, dtype=torch.int64, device=self._params[0][1].device)
         comm.broadcast(order, _global_rank(self.group, 0), group=self.group, tag="bucket_order")
-        new_order = order.tolist()
-        if new_order != [i for b in self._buckets for i in b.params]:
-            self._build_buckets(new_order)
+        new_order = [index[id(p)] for b in self.reducer.buckets for _, p in b.storage.params]
+        if order.tolist() != new_order:
+            self.reducer.set_buckets(self._make_buckets(order.tolist()))

@@ -117,3 +117,101 @@ def emit_shard_map(
 
 def replicated(numel: int) -> list[list[int]]:
     return [[telemetry.EVERY_RANK, 0, int(numel)]]
+
+
+class FlatShards:
+    """The one sharded storage: a list of tensors laid end to end in one flat buffer, padded
+    to a multiple of `world_size`, rank r owning the contiguous slice [lo, hi) (ZeRO's
+    partitioning; world_size=1: one unsharded buffer, as a DDP bucket).
+
+    It knows the per-parameter views of any buffer of its length, the piece of each parameter
+    that falls into this rank's slice (`pieces`, `shard_views`), and holds the gradient buffer
+    that the reducer fills and reduces (`grad`). It owns no communication but the gather of
+    the full buffer from every rank's slice.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[tuple[str, torch.Tensor]],
+        world_size: int = 1,
+        rank: int = 0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not params:
+            raise ValueError("FlatShards needs at least one tensor")
+        self.params = list(params)  # [(name, tensor)]
+        self.world_size, self.rank = world_size, rank
+        self.layout = FlatLayout.of([p for _, p in self.params], align=world_size)
+        self.lo, self.hi = self.layout.shard_range(rank, world_size)
+        first = self.params[0][1]
+        self.dtype = dtype or first.dtype  # of the gradient buffer and the gathered values
+        self.device = first.device
+        self.grad: torch.Tensor | None = None  # the gradient buffer, padded, while alive
+        self.data: torch.Tensor | None = None  # the parameters' flat buffer, where one is kept
+        # this rank's piece of each tensor, (start, end) in buffer positions, empty where the
+        # tensor lies outside [lo, hi): one piece per tensor, so each gets its own leaf
+        self.pieces = []
+        for offset, size in zip(self.layout.offsets, self.layout.sizes(), strict=True):
+            a = min(max(offset, self.lo), self.hi)
+            self.pieces.append((a, max(a, min(offset + size, self.hi))))
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def shard_numel(self) -> int:
+        return self.hi - self.lo
+
+    def flatten(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new padded flat copy of the tensors' current values."""
+        with torch.no_grad():
+            values = [p.detach().to(dtype or p.dtype) for _, p in self.params]
+            return self.layout.flatten(values)
+
+    def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor, shaped as itself, as a view into a buffer of this layout."""
+        return self.layout.views(buffer)
+
+    def shard_views(self, shard: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's piece of each tensor as a 1-D view into `shard` (a tensor of this
+        rank's slice, shard_numel elements); 0 elements for a tensor outside the slice."""
+        return [shard[a - self.lo : b - self.lo] for a, b in self.pieces]
+
+    def piece_ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of each piece in its tensor's own flattened numbering."""
+        return [
+            (a - offset, b - offset)
+            for (a, b), offset in zip(self.pieces, self.layout.offsets, strict=True)
+        ]
+
+    def shard_leaves(self, shard: torch.Tensor) -> list[torch.nn.Parameter]:
+        """One optimizer leaf per tensor, sharing memory with its piece of `shard`: stepping
+        the leaf updates the shard in place, and a leaf whose .grad is None is skipped exactly
+        as one process skips a parameter with no gradient."""
+        return [torch.nn.Parameter(view) for view in self.shard_views(shard.detach())]
+
+    def grad_buffer(self) -> torch.Tensor:
+        """The gradient buffer, zero-filled when it is (re)allocated."""
+        if self.grad is None:
+            self.grad = torch.zeros(self.layout.padded_numel, dtype=self.dtype, device=self.device)
+        return self.grad
+
+    def owners(self, index: int) -> list[tuple[int, int, int]]:
+        return self.layout.owners(index, self.world_size)
+
+    def all_gather(
+        self, shard: torch.Tensor, out: torch.Tensor | None = None, group=None, tag: str = "params"
+    ) -> torch.Tensor:
+        """The full padded buffer from every rank's slice `shard` (collective)."""
+        from .. import comm
+
+        if out is None:
+            out = torch.empty(self.layout.padded_numel, dtype=shard.dtype, device=shard.device)
+        # the input must not alias the output
+        mine = shard.detach().clone() if _aliases(shard, out) else shard.detach().contiguous()
+        comm.all_gather(out, mine, group=group, tag=tag)
+        return out
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

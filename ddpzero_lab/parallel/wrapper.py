@@ -8,7 +8,26 @@ communication and no sharding.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch import nn
+
+# modules a strategy has wrapped (and the wrappers themselves), with the strategy's name
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def claim(strategy: str, *modules: nn.Module) -> None:
+    """Mark `modules` as wrapped by `strategy`; refuse one that a strategy wraps already (a
+    second set of hooks would reduce every gradient twice)."""
+    for module in modules:
+        if module in _WRAPPED:
+            raise ValueError(
+                f"this module is already wrapped by {_WRAPPED[module]!r}: parallelize (or wrap) "
+                "a plain module once, and train with the model and optimizer that call returned"
+            )
+    for module in modules:
+        _WRAPPED[module] = strategy
 
 
 class WrappedOptimizer(torch.optim.Optimizer):

@@ -7,18 +7,21 @@ returns (Rajbhandari et al., "ZeRO", SC20, §5.1-5.2):
   buffer), each padded to a multiple of the world size; rank r owns the contiguous slice r of
   every bucket. The module's parameters become views into their bucket, so gathering a bucket
   updates the model in place.
-* Each rank's optimizer (the user's class, built over its shards) holds state for its slice
-  only: optimizer memory falls to 1/N.
-* Stage 1: after backward, each bucket's gradients are reduce-scattered (each rank needs only
-  its slice's gradient), the shard is stepped, and the updated slices are all-gathered: 2Ψ of
-  traffic per step, as DDP's all-reduce.
-* Stage 2: the reduce-scatter of a bucket starts during backward, the moment its last gradient
-  is ready (as DDP's buckets), and each parameter's full gradient is released as soon as it is
-  copied into its bucket; a rank keeps only its gradient shard.
+* Each rank's optimizer (the user's class) is built over one leaf per parameter: a view of
+  that parameter's piece of this rank's slice (empty where the parameter lies elsewhere). It
+  holds state for its slice only, so optimizer memory falls to 1/N; param groups work as in
+  one process, and a parameter that got no gradient on any rank has `.grad` None and is
+  skipped exactly as one process skips it.
+* Gradients go through the one reducer (reducer.py) with reduce-scatter:
+  stage 1 reduces in the optimizer's step, in place in its gradient buffer (4Ψ of gradients,
+  as DDP), then steps the shard and all-gathers the updated slices: 2Ψ of traffic per step;
+  stage 2 reduce-scatters each bucket during backward, the moment its last gradient is ready
+  (as DDP's buckets), releasing each full gradient once it is in its bucket: a rank keeps
+  only its gradient shard.
 
 Elementwise optimizers (SGD, Adam, AdamW, ...) give exactly the single-process result. One that
-uses a norm per parameter tensor (LAMB, LARS) would see flat shards instead of tensors.
-Not owned here: the collectives (comm/), the flat arithmetic and shard-map event (flat.py).
+uses a norm per parameter tensor (LAMB, LARS) would see pieces of tensors.
+Not owned here: the collectives (comm/), the storage (flat.py), the reducer (reducer.py).
 """
 
 from __future__ import annotations
@@ -32,27 +35,25 @@ from torch import nn
 
 from .. import comm, telemetry
 from .ddp import broadcast_state, check_same_model
-from .flat import FlatLayout, emit_shard_map, replicated
-from .wrapper import WrappedOptimizer
+from .flat import FlatShards, emit_shard_map, replicated
+from .reducer import Reducer
+from .wrapper import WrappedOptimizer, claim
 
 MB = 1024 * 1024
 
 
 class ShardedOptimizerState:
-    """state_dict / load_state_dict / consolidate_state_dict of an optimizer that steps one
-    slice [lo, hi) of each of several flat buffers (ZeRO stages 1-3): subclasses give
-    `_flat_shards()` -> [(lo, hi, numel of real data)] and hold `optimizer`, `group`, `rank`
-    and `world_size`."""
+    """state_dict / load_state_dict / consolidate_state_dict of an optimizer over per-parameter
+    shard leaves (ZeRO stages 1-3): subclasses give `sharded()` -> [(FlatShards, leaves)]
+    (one leaf per tensor of the storage) and hold `optimizer`, `group`, `rank`, `world_size`."""
 
-    def _flat_shards(self) -> list[tuple[int, int, int]]:
+    def sharded(self) -> list[tuple[FlatShards, list[torch.Tensor]]]:
         raise NotImplementedError
 
     def consolidate_state_dict(self) -> dict:
-        """The full optimizer state, unsharded (collective: call it on every rank)."""
-        shards = self._flat_shards()
-        return consolidate(
-            self.optimizer, [hi - lo for lo, hi, _ in shards], [n for *_, n in shards], self.group
-        )
+        """The full optimizer state, unsharded, keyed by parameter name (collective: call it on
+        every rank)."""
+        return consolidate(self.optimizer, self.sharded(), self.group)
 
     def state_dict(self) -> dict:
         """This rank's shard of the optimizer state (the sharded form). For a state that loads
@@ -66,13 +67,7 @@ class ShardedOptimizerState:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("form") == "consolidated":
-            shards = self._flat_shards()
-            load_consolidated(
-                self.optimizer,
-                state,
-                [(lo, hi) for lo, hi, _ in shards],
-                [hi - lo for lo, hi, _ in shards],
-            )
+            load_consolidated(self.optimizer, state, self.sharded())
             return
         if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
             raise ValueError(
@@ -82,55 +77,20 @@ class ShardedOptimizerState:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-class _Bucket:
-    """A flat group of parameters, padded to a multiple of N, sharded by contiguous slices."""
-
-    def __init__(
-        self,
-        index: int,
-        params: list[tuple[str, nn.Parameter]],
-        world_size: int,
-        rank: int,
-        masters: list[torch.Tensor] | None = None,
-    ) -> None:
-        self.index = index
-        self.params = params
-        self.layout = FlatLayout.of([p for _, p in params], align=world_size)
-        first = params[0][1]
-        with torch.no_grad():
-            self.flat = self.layout.flatten([p.detach() for _, p in params])
-        for (_, p), view in zip(params, self.layout.views(self.flat), strict=True):
-            p.data = view  # the module now computes with views into the flat buffer
-        self.lo, self.hi = self.layout.shard_range(rank, world_size)
-        # this rank's slice of the flat buffer, in the compute dtype: what it all-gathers
-        self.local = self.flat[self.lo : self.hi]
-        if masters is None:
-            # The optimizer's parameter: the slice itself (a leaf that shares its memory), so
-            # that stepping it updates the model with no extra copy.
-            self.shard = nn.Parameter(self.local)
-        else:
-            # mixed precision: an fp32 master slice, from the values before the bf16 cast
-            full = FlatLayout.of(masters, align=world_size).flatten(masters)
-            self.shard = nn.Parameter(full[self.lo : self.hi].clone())
-        self.grad_shard: torch.Tensor | None = None  # the reduced gradient slice (compute dtype)
-        self.incoming: torch.Tensor | None = None  # what a reduce-scatter in flight fills
-        self.grad_flat: torch.Tensor | None = None  # full gradients, alive until reduced
-        self.pending = len(params)
-        self.ready: set[int] = set()
-        self.used: set[int] = set()  # slots that received a real gradient this step
-        self.work = None
-        self.dtype, self.device = first.dtype, first.device
-
-    def grad_buffer(self) -> torch.Tensor:
-        if self.grad_flat is None:
-            self.grad_flat = torch.zeros(
-                self.layout.padded_numel, dtype=self.dtype, device=self.device
-            )
-        return self.grad_flat
+def check_process_group(what: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{what} needs a process group: build it inside a LiveCluster job or after "
+            "torch.distributed.init_process_group"
+        )
 
 
 class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
-    """The optimizer `parallelize(..., "zero1" | "zero2")` returns; use it like a torch one."""
+    """The optimizer `parallelize(..., "zero1" | "zero2")` returns; use it like a torch one.
+
+    `optimizer` is called with one leaf per trainable parameter, in module.parameters() order
+    (this rank's piece of each), so it may build param groups as for the module itself.
+    """
 
     def __init__(
         self,
@@ -149,8 +109,8 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
             or bucket_cap_mb <= 0
         ):
             raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ZeRO needs a process group: build it inside a LiveCluster job")
+        check_process_group("ZeRO")
+        claim(f"zero{stage}", module)
         self.module = module
         self.stage = stage
         self.group = group
@@ -169,41 +129,56 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         self._named = named
         # masters: fp32 values of the module's parameters from before a bf16 cast, in
         # module.parameters() order (bf16-mixed); None: the parameters are the masters
-        self._masters = None
+        by_id = {}
         if masters is not None:
             by_id = {id(p): m for p, m in zip(module.parameters(), masters, strict=True)}
-            self._masters = {name: by_id[id(p)] for name, p in named}
+        self.mixed = masters is not None
         cap = bucket_cap_mb if bucket_cap_mb is not None else (25 if stage == 2 else None)
         self.buckets = self._make_buckets(named, cap)
-        shards = [b.shard for b in self.buckets]
-        self._adopt(shards, optimizer(shards))
-        self.params = [p for _, p in named]
-        self._where = {}
+        self.shards: list[torch.Tensor] = []  # the optimizer's slice of each bucket
+        self.leaves: dict[int, nn.Parameter] = {}  # id(parameter) -> its shard leaf
         for bucket in self.buckets:
-            for slot, (_, p) in enumerate(bucket.params):
-                self._where[id(p)] = (bucket, slot)
-        self._hooks = []
-        self._finalize_queued = False
-        self._next_launch = 0
-        self._reduced = False  # stage 1: gradients already reduce-scattered (by clipping)
+            bucket.data = bucket.flatten()
+            for (_, p), view in zip(bucket.params, bucket.views(bucket.data), strict=True):
+                p.data = view  # the module now computes with views into the flat buffer
+            if by_id:  # an fp32 master slice, from the values before the bf16 cast
+                full = bucket.layout.flatten([by_id[id(p)] for _, p in bucket.params])
+                shard = full[bucket.lo : bucket.hi].clone()
+            else:  # the slice itself: stepping it updates the model with no copy
+                shard = bucket.data[bucket.lo : bucket.hi]
+            self.shards.append(shard)
+            for (_, p), leaf in zip(bucket.params, bucket.shard_leaves(shard), strict=True):
+                self.leaves[id(p)] = leaf
+        ordered = [self.leaves[id(p)] for _, p in named]
+        self._adopt(ordered, optimizer(ordered))
+        self.params = [p for _, p in named]
+        # ZeRO-1: reduce-scatter in the step, in place; ZeRO-2: during backward, releasing
+        # each full gradient as soon as it is in its bucket
+        self.reducer = Reducer(
+            self.buckets,
+            "reduce_scatter",
+            group,
+            launch="at_step" if stage == 1 else "when_ready",
+            grads="view" if stage == 1 else "release",
+            in_place=stage == 1,
+            tag="grads",
+        )
+        self._reduced = False  # stage 1: gradients already reduced (by clipping)
         self._steps = 0
-        if stage == 2:
-            self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for _, p in named]
         self._emit_shard_map()
         self._forward_at = time.time()
-        self._backward_end: float | None = None
-        self._comm_s = 0.0
-        self._forward_hook = module.register_forward_pre_hook(self._note_forward)
+        self._forward_hook = module.register_forward_hook(self._after_forward)
 
-    def _note_forward(self, module, args) -> None:
+    def _after_forward(self, module, args, output) -> None:
         self._forward_at = time.time()
+        if self.stage == 2:
+            self.reducer.prepare_for_backward(output)
 
     # -- set-up ----------------------------------------------------------------------------
-    def _make_buckets(self, named, cap_mb) -> list[_Bucket]:
+    def _make_buckets(self, named, cap_mb) -> list[FlatShards]:
         # reverse order: the last layers' gradients are ready first in backward
-        order = list(reversed(named))
         groups, current, size = [], [], 0
-        for name, p in order:
+        for name, p in reversed(named):
             nbytes = p.numel() * p.element_size()
             if current and cap_mb is not None and size + nbytes > cap_mb * MB:
                 groups.append(current)
@@ -212,22 +187,13 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
             size += nbytes
         if current:
             groups.append(current)
-        return [
-            _Bucket(
-                i,
-                g,
-                self.world_size,
-                self.rank,
-                None if self._masters is None else [self._masters[n] for n, _ in g],
-            )
-            for i, g in enumerate(groups)
-        ]
+        return [FlatShards(g, self.world_size, self.rank) for g in groups]
 
     def _emit_shard_map(self) -> None:
         owners: dict[str, list] = {}
         for bucket in self.buckets:
             for index, (name, _) in enumerate(bucket.params):
-                owners[name] = bucket.layout.owners(index, self.world_size)
+                owners[name] = bucket.owners(index)
         grads = (lambda n, i: owners[n]) if self.stage == 2 else (lambda n, i: replicated(i))
         emit_shard_map(
             f"zero{self.stage}",
@@ -238,188 +204,101 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
 
     # -- the torch.optim surface ------------------------------------------------------------
     def _shards(self) -> list[torch.Tensor]:
-        return [b.shard for b in self.buckets]
+        return list(self.leaves.values())
+
+    def sharded(self):
+        return [(b, [self.leaves[id(p)] for _, p in b.params]) for b in self.buckets]
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
-        # the flat parameter buffers are the module's parameters (counted there); the shards
-        # share them. A rank's gradient shards are gradients; bucket buffers are scratch.
-        mixed = self._masters is not None  # fp32 master slices: optimizer memory (K)
+        # the flat parameter buffers are the module's parameters; the leaves share them. A
+        # rank's gradient shards (stage 1: the whole buffer) are gradients; stage 2's bucket
+        # buffers are scratch.
+        grads = [b.grad_shard for b in self.reducer.buckets if b.grad_shard is not None]
+        buffers = [b.grad for b in self.buckets if b.grad is not None]
         return {
-            "params": [b.flat for b in self.buckets],
-            "grads": [b.grad_shard for b in self.buckets if b.grad_shard is not None],
-            "optimizer": [b.shard for b in self.buckets] if mixed else [],
-            "scratch": [b.grad_flat for b in self.buckets if b.grad_flat is not None],
+            "params": [b.data for b in self.buckets],
+            "grads": grads + (buffers if self.stage == 1 else []),
+            "optimizer": self.shards if self.mixed else [],
+            "scratch": buffers if self.stage == 2 else [],
         }
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        for bucket in self.buckets:
-            bucket.grad_shard = None
+        self.reducer.zero_grad()
+        if self.stage == 1 and set_to_none:
+            for bucket in self.buckets:
+                bucket.grad = None  # the next backward allocates it again
 
     def full_values(self) -> dict[int, torch.Tensor]:
         """{id(parameter): full value} of the optimizer's copy (the fp32 masters in
         bf16-mixed), gathered from every rank's slice (collective)."""
-        return gather_flats([(b.layout, b.shard, b.params) for b in self.buckets], self.group)
-
-    # -- stage 2: reduce-scatter during backward ---------------------------------------------
-    def _hook(self, param: torch.Tensor) -> None:
-        bucket, slot = self._where[id(param)]
-        if not self._finalize_queued:
-            self._finalize_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finalize_backward)
-        if slot in bucket.ready:
-            raise RuntimeError("a parameter received a gradient twice in one step")
-        bucket.layout.views(bucket.grad_buffer())[slot].copy_(param.grad)
-        param.grad = None  # the full gradient is in the bucket now: release it
-        bucket.ready.add(slot)
-        bucket.used.add(slot)
-        bucket.pending -= 1
-        self._launch_ready()
-        for done in self.buckets[: self._next_launch]:
-            # a bucket whose reduce-scatter has completed needs its full gradients no more
-            # (P_os+g frees each bucket once it is reduced); the rest go at the end of backward
-            if done.grad_flat is not None and done.work is not None and done.work.is_completed():
-                done.grad_flat = None
-
-    def _launch_ready(self) -> None:
-        while self._next_launch < len(self.buckets):
-            bucket = self.buckets[self._next_launch]
-            if bucket.pending:
-                return
-            self._launch(bucket)
-            self._next_launch += 1
-
-    def _launch(self, bucket: _Bucket) -> None:
-        buffer = bucket.grad_buffer()
-        buffer.div_(self.world_size)  # pre-divide: the sum is the mean
-        bucket.work = comm.reduce_scatter(
-            self._new_grad_shard(bucket),
-            buffer,
-            group=self.group,
-            async_op=True,
-            tag=f"grads{bucket.index}",
-        )
-
-    def _new_grad_shard(self, bucket: _Bucket) -> torch.Tensor:
-        """The tensor a bucket's reduce-scatter fills (compute dtype); `_take_grad_shard` adds
-        it to the shard's gradient once the reduce-scatter is done."""
-        bucket.incoming = torch.empty_like(bucket.local)
-        return bucket.incoming
-
-    def _take_grad_shard(self, bucket: _Bucket) -> None:
-        """Add a finished reduce-scatter's slice to the gradient shard: gradient accumulation
-        over several backward passes sums them, as .grad does in one process. In fp32 the
-        shard's .grad is that tensor; in bf16-mixed it becomes the fp32 master's gradient
-        inside step()."""
-        incoming, bucket.incoming = bucket.incoming, None
-        if bucket.grad_shard is None:
-            bucket.grad_shard = incoming
-        else:
-            bucket.grad_shard.add_(incoming)
-        if bucket.shard.dtype == bucket.local.dtype:
-            bucket.shard.grad = bucket.grad_shard
-
-    def _finalize_backward(self) -> None:
-        self._backward_end = time.time()
-        for bucket in self.buckets:
-            for slot in range(len(bucket.params)):
-                if slot not in bucket.ready:  # no gradient this step: it contributes zeros
-                    bucket.ready.add(slot)
-                    bucket.pending -= 1
-        self._launch_ready()
-        for bucket in self.buckets:
-            bucket.work.wait()
-            self._take_grad_shard(bucket)
-            bucket.grad_flat = None  # only the shard's gradient stays
-            bucket.work = None
-            bucket.ready = set()
-            bucket.pending = len(bucket.params)
-        self._exposed_s = time.time() - self._backward_end
-        self._next_launch = 0
-        self._finalize_queued = False
+        return gather_values(zip(self.buckets, self.shards, strict=True), self.group)
 
     # -- the step -------------------------------------------------------------------------------
+    def _reduce(self) -> None:
+        if self.stage == 1 and not self._reduced:
+            self.reducer.flush()
+            self._reduced = True
+        elif any(b.grad_shard is None for b in self.reducer.buckets):
+            raise RuntimeError("step() before backward(): no gradients to apply")
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("ZeRO's step() takes no closure")
         start = time.time()
-        backward_end = self._backward_end or start
-        exposed = getattr(self, "_exposed_s", 0.0) if self.stage == 2 else 0.0
-        if self.stage == 1 and not self._reduced:
-            for bucket in self.buckets:
-                bucket.used = {i for i, (_, p) in enumerate(bucket.params) if p.grad is not None}
-            self._reduce_scatter_gradients()
-        elif any(b.grad_shard is None for b in self.buckets):
-            raise RuntimeError("step() before backward(): no gradients to apply")
-        for bucket in self.buckets:
-            bucket.shard.grad = bucket.grad_shard.to(bucket.shard.dtype)  # fp32: no copy
-        keep = keep_unused(
-            [(b.layout, b.lo, b.hi, b.shard, b.used) for b in self.buckets], self.group
-        )
+        backward_end = self.reducer.backward_end or start
+        exposed = 0.0 if self.stage == 1 else start - backward_end
+        self._reduce()
+        for bucket, reduced in zip(self.buckets, self.reducer.buckets, strict=True):
+            leaves = [self.leaves[id(p)] for _, p in bucket.params]
+            set_leaf_grads(bucket, leaves, reduced.grad_shard, self.reducer.unused)
         self.optimizer.step()
-        for view, saved in keep:  # a parameter no rank used keeps its value, as in one process
-            view.copy_(saved)
         self._reduced = False
-        for bucket in self.buckets:
-            bucket.used = set()
-            if bucket.shard.dtype != bucket.local.dtype:
-                bucket.local.copy_(bucket.shard)  # the master's new values, in bf16
-                bucket.shard.grad = None  # the fp32 gradient lives only inside step()
-        for bucket in self.buckets:  # the updated slices, to every rank
-            mine = bucket.local.detach().clone()  # the input must not alias the output
-            comm.all_gather(bucket.flat, mine, group=self.group, tag=f"params{bucket.index}")
+        for index, (bucket, shard) in enumerate(zip(self.buckets, self.shards, strict=True)):
+            local = bucket.data[bucket.lo : bucket.hi]
+            if shard.data_ptr() != local.data_ptr():
+                local.copy_(shard)  # the master's new values, in bf16
+            for _, p in bucket.params:
+                self.leaves[id(p)].grad = None  # the fp32 gradient lives only inside step()
+            # the updated slices, to every rank
+            bucket.all_gather(local, out=bucket.data, group=self.group, tag=f"params{index}")
         # stage 1 communicates inside step(); stage 2 partly during backward (exposed: the
         # wait after it) and all-gathers in step()
         emit_step(self._steps, self._forward_at, backward_end, start, exposed)
         self._steps += 1
-        self._backward_end = None
+        self.reducer.backward_end = None
         return None
-
-    def _reduce_scatter_gradients(self) -> None:
-        for bucket in self.buckets:
-            buffer = bucket.grad_buffer()
-            for (_, p), view in zip(bucket.params, bucket.layout.views(buffer), strict=True):
-                if p.grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(p.grad)
-            buffer.div_(self.world_size)
-            comm.reduce_scatter(
-                self._new_grad_shard(bucket), buffer, group=self.group, tag=f"grads{bucket.index}"
-            )
-            self._take_grad_shard(bucket)
-            bucket.grad_flat = None  # scratch: freed once reduced
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip to a global gradient norm across all shards (call after backward, before
-        step). Returns the norm before clipping. In stage 1 the full gradients are reduced here
+        step). Returns the norm before clipping. In stage 1 the gradients are reduced here
         first, so that the norm is the global one."""
-        if self.stage == 1:
-            for bucket in self.buckets:
-                bucket.used = {i for i, (_, p) in enumerate(bucket.params) if p.grad is not None}
-            self._reduce_scatter_gradients()
-            self._reduced = True
-        return clip_grads_(
-            [b.grad_shard for b in self.buckets if b.grad_shard is not None], max_norm, self.group
-        )
-
-    def _flat_shards(self) -> list[tuple[int, int, int]]:
-        return [(b.lo, b.hi, b.layout.numel) for b in self.buckets]
+        self._reduce()
+        shards = [b.grad_shard for b in self.reducer.buckets if b.grad_shard is not None]
+        return clip_grads_(shards, max_norm, self.group)
 
 
-# --- what both sharded optimizers share ------------------------------------------------------
+# --- what the sharded optimizers share ---------------------------------------------------------
 
 
-def gather_flats(flats, group=None) -> dict[int, torch.Tensor]:
-    """{id(parameter): full value} from sharded flat buffers: flats is [(layout, shard,
-    [(name, parameter)])], each shard this rank's slice; one all-gather per buffer."""
-    world_size = dist.get_world_size(group)
+def set_leaf_grads(storage: FlatShards, leaves, grad_shard: torch.Tensor, unused) -> None:
+    """Give each shard leaf its piece of the reduced gradient slice `grad_shard` (in the
+    leaf's dtype), or None for a parameter no rank used: the optimizer skips it, as one
+    process skips a parameter whose .grad is None."""
+    for (_, p), leaf, piece in zip(
+        storage.params, leaves, storage.shard_views(grad_shard), strict=True
+    ):
+        leaf.grad = None if id(p) in unused else piece.to(leaf.dtype)
+
+
+def gather_values(storages_and_shards, group=None) -> dict[int, torch.Tensor]:
+    """{id(parameter): full value} from each storage's shard (this rank's slice), one
+    all-gather per storage (collective)."""
     values = {}
-    for layout, shard, params in flats:
-        full = torch.empty(shard.numel() * world_size, dtype=shard.dtype, device=shard.device)
-        comm.all_gather(full, shard.detach().contiguous(), group=group, tag="full_values")
-        for (_, p), view in zip(params, layout.views(full), strict=True):
+    for storage, shard in storages_and_shards:
+        full = storage.all_gather(shard, group=group, tag="full_values")
+        for (_, p), view in zip(storage.params, storage.views(full), strict=True):
             values[id(p)] = view.clone()
     return values
 
@@ -430,7 +309,7 @@ def emit_step(
     """The `step` event of a ZeRO optimizer: compute from forward to the end of backward;
     communication is what step() took plus what backward left waiting (`exposed_s`), all of
     it exposed (nothing overlaps step())."""
-    comm_s = (time.time() - step_start) + exposed_s
+    comm_s = (time.time() - step_start) + max(exposed_s, 0.0)
     telemetry.emit(
         "step",
         step=step,
@@ -440,33 +319,6 @@ def emit_step(
         forward_start=forward_at,
         backward_end=backward_end,
     )
-
-
-def keep_unused(groups, group=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The parts of this rank's shards that belong to parameters no rank used this step.
-
-    groups: [(layout, lo, hi, shard, used)] per flat buffer, `shard` the optimizer's slice
-    [lo, hi) of it and `used` the indices of its tensors that got a gradient on this rank.
-    A single process skips a parameter whose .grad is None; a flat shard cannot skip elements,
-    so their values are saved before the step and put back after it (their optimizer state
-    stays zero: a zero gradient moves neither momentum nor Adam's moments).
-    """
-    used = torch.tensor(
-        [int(i in used) for layout, *_, used in groups for i in range(len(layout.shapes))],
-        dtype=torch.int32,
-        device=groups[0][3].device,  # nccl moves only CUDA tensors
-    )
-    comm.all_reduce(used, group=group, tag="used_mask")
-    used = used.tolist()
-    keep, k = [], 0
-    for layout, lo, hi, shard, _ in groups:
-        for index in range(len(layout.shapes)):
-            span = layout.overlap(index, lo, hi)
-            if used[k] == 0 and span is not None:
-                view = shard.detach()[span[0] - lo : span[1] - lo]
-                keep.append((view, view.clone()))
-            k += 1
-    return keep
 
 
 def clip_shard_grad_norm_(shards: list[torch.Tensor], max_norm: float, group=None) -> float:
@@ -492,98 +344,130 @@ def clip_grads_(grads: list[torch.Tensor], max_norm: float, group=None) -> float
     return total
 
 
-def consolidate(
-    optimizer: torch.optim.Optimizer, shard_numels: list[int], numels: list[int], group=None
-) -> dict:
-    """Gather every rank's shard of the optimizer state into full flat tensors (on every rank:
-    the all-gathers are collective), keyed by state name per flat buffer, padding dropped."""
-    world_size = dist.get_world_size(group)
-    full: list[dict] = []
-    for index, (shard_numel, numel) in enumerate(zip(shard_numels, numels, strict=True)):
-        param = optimizer.param_groups[0]["params"][index]
-        state = optimizer.state.get(param, {})
-        entry = {}
-        for name, value in sorted(state.items()):
-            if isinstance(value, torch.Tensor) and value.numel() == shard_numel:
-                out = torch.empty(shard_numel * world_size, dtype=value.dtype, device=value.device)
-                comm.all_gather(out, value.contiguous(), group=group, tag=f"state:{name}")
-                entry[name] = out[:numel].clone()
-            else:
-                entry[name] = value.clone() if isinstance(value, torch.Tensor) else value
-        full.append(entry)
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"form": "consolidated", "flat_state": full, "param_groups": groups}
+def _per_element(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 1
 
 
-def load_consolidated(
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    ranges: list[tuple[int, int]],
-    shard_numels: list[int],
-) -> None:
-    """Load a consolidated optimizer state: each rank takes its own slice, so the state can
-    come from a run with another world size."""
-    params = optimizer.param_groups[0]["params"]
-    if len(state["flat_state"]) != len(params):
-        raise ValueError(
-            f"the saved state has {len(state['flat_state'])} flat buffers, this optimizer has "
-            f"{len(params)}: it comes from another model or bucket layout"
+def consolidate(optimizer: torch.optim.Optimizer, sharded, group=None) -> dict:
+    """Gather every rank's pieces of the optimizer state into full tensors shaped as their
+    parameters (on every rank: the all-gathers are collective), keyed by parameter name."""
+    out: dict[str, dict] = {}
+    for storage, leaves in sharded:
+        keys = sorted(
+            {
+                k
+                for leaf in leaves
+                for k, v in optimizer.state.get(leaf, {}).items()
+                if _per_element(v)
+            }
         )
-    for param, entry, (lo, hi), shard_numel in zip(
-        params, state["flat_state"], ranges, shard_numels, strict=True
-    ):
-        mine = {}
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() >= 1:  # flat: take the slice
-                piece = torch.zeros(shard_numel, dtype=value.dtype, device=value.device)
-                real = value[lo : min(hi, value.numel())]
-                piece[: real.numel()] = real
-                mine[name] = piece
-            else:
-                mine[name] = value.clone() if isinstance(value, torch.Tensor) else value
-        optimizer.state[param] = mine
-    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=False):
-        group.update(saved)
+        for key in keys:
+            shard = None
+            for leaf in leaves:
+                value = optimizer.state.get(leaf, {}).get(key)
+                if value is not None:
+                    shard = torch.zeros(storage.shard_numel, dtype=value.dtype, device=value.device)
+                    break
+            if shard is None:  # a rank with no piece of any stepped parameter
+                shard = torch.zeros(storage.shard_numel, device=storage.device)
+            for leaf, view in zip(leaves, storage.shard_views(shard), strict=True):
+                value = optimizer.state.get(leaf, {}).get(key)
+                if value is not None:
+                    view.copy_(value.reshape(-1))
+            full = storage.all_gather(shard, group=group, tag=f"state:{key}")
+            for (name, _), leaf, view in zip(
+                storage.params, leaves, storage.views(full), strict=True
+            ):
+                if key in optimizer.state.get(leaf, {}):
+                    out.setdefault(name, {})[key] = view.clone()
+        for (name, _), leaf in zip(storage.params, leaves, strict=True):
+            for key, value in optimizer.state.get(leaf, {}).items():
+                if not _per_element(value):  # a counter such as Adam's step
+                    out.setdefault(name, {})[key] = (
+                        value.clone() if isinstance(value, torch.Tensor) else value
+                    )
+    names = {
+        id(leaf): name
+        for storage, leaves in sharded
+        for (name, _), leaf in zip(storage.params, leaves, strict=True)
+    }
+    groups = [
+        {
+            **{k: v for k, v in g.items() if k != "params"},
+            "params": [names[id(p)] for p in g["params"]],
+        }
+        for g in optimizer.param_groups
+    ]
+    return {"form": "consolidated", "state": out, "param_groups": groups}
+
+
+def load_consolidated(optimizer: torch.optim.Optimizer, state: dict, sharded) -> None:
+    """Load a consolidated optimizer state: each rank takes its own pieces, so the state can
+    come from a run with another world size."""
+    saved = state["state"]
+    for storage, leaves in sharded:
+        for (name, _), leaf, (start, end) in zip(
+            storage.params, leaves, storage.piece_ranges(), strict=True
+        ):
+            entry = saved.get(name)
+            if entry is None:
+                optimizer.state.pop(leaf, None)
+                continue
+            optimizer.state[leaf] = {
+                k: v.reshape(-1)[start:end].clone().to(leaf.device)
+                if _per_element(v)
+                else (v.clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in entry.items()
+            }
+    for group, hyper in zip(optimizer.param_groups, state["param_groups"], strict=False):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
 
 
 class ZeroOptimizer(ShardedOptimizerState, WrappedOptimizer):
     """A drop-in for torch's ZeroRedundancyOptimizer: `ZeroOptimizer(params, optimizer_class,
-    **defaults)`.
+    **defaults)`, params a list of parameters or of param groups.
 
     As torch's, it expects gradients already averaged across ranks (by DDP, or because every
     rank saw the same data); each rank steps the optimizer on its contiguous slice of the flat,
-    padded parameters, then the updated slices are all-gathered into the parameters. With DDP
-    that is 2Ψ (all-reduce) + Ψ (all-gather) = 3Ψ of traffic per step, against 2Ψ for
-    strategy="zero1", which reduce-scatters instead of all-reducing.
+    padded parameters (one leaf per parameter piece), then the updated slices are all-gathered
+    into the parameters. With DDP that is 2Ψ (all-reduce) + Ψ (all-gather) = 3Ψ of traffic per
+    step, against 2Ψ for strategy="zero1", which reduce-scatters instead of all-reducing.
     """
 
     def __init__(self, params, optimizer_class, group=None, **defaults) -> None:
         params = list(params)
-        if any(isinstance(p, dict) for p in params):
-            raise TypeError("ZeroOptimizer takes a flat list of parameters, not param groups")
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        groups = [{**g, "params": list(g["params"])} for g in groups]
         if not isinstance(optimizer_class, type) or not issubclass(
             optimizer_class, torch.optim.Optimizer
         ):
             raise TypeError(
                 f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
             )
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ZeroOptimizer needs a process group (a LiveCluster job)")
-        self.params = [p for p in params if p.requires_grad]
+        check_process_group("ZeroOptimizer")
+        self.params = [p for g in groups for p in g["params"] if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters (requires_grad=True) were given")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.layout = FlatLayout.of(self.params, align=self.world_size)
-        self.lo, self.hi = self.layout.shard_range(self.rank, self.world_size)
-        with torch.no_grad():
-            flat = self.layout.flatten([p.detach() for p in self.params])
-        self.shard = nn.Parameter(flat[self.lo : self.hi].clone())
-        self._adopt([self.shard], optimizer_class([self.shard], **defaults))
+        self.storage = FlatShards(
+            [(f"param{i}", p) for i, p in enumerate(self.params)], self.world_size, self.rank
+        )
+        self.shard = self.storage.flatten()[self.storage.lo : self.storage.hi].clone()
+        self.leaves = self.storage.shard_leaves(self.shard)
+        leaf_of = {id(p): leaf for p, leaf in zip(self.params, self.leaves, strict=True)}
+        leaf_groups = [
+            {**g, "params": [leaf_of[id(p)] for p in g["params"] if p.requires_grad]}
+            for g in groups
+        ]
+        self._adopt(self.leaves, optimizer_class(leaf_groups, **defaults))
 
     def _shards(self) -> list[torch.Tensor]:
-        return [self.shard]
+        return self.leaves
+
+    def sharded(self):
+        return [(self.storage, self.leaves)]
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"optimizer": [self.shard]}  # the fp32 master copy of this rank's slice
@@ -592,39 +476,22 @@ class ZeroOptimizer(ShardedOptimizerState, WrappedOptimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("ZeroOptimizer.step() takes no closure")
-        grads = torch.zeros(
-            self.layout.padded_numel, dtype=self.shard.dtype, device=self.shard.device
-        )
-        unused = []
-        for index, (p, view) in enumerate(zip(self.params, self.layout.views(grads), strict=True)):
-            if p.grad is None:
-                unused.append(index)  # the gradients are already global: None means unused
-            else:
-                view.copy_(p.grad)
-        self.shard.grad = grads[self.lo : self.hi].clone()
-        keep = []
-        for index in unused:
-            span = self.layout.overlap(index, self.lo, self.hi)
-            if span is not None:
-                view = self.shard[span[0] - self.lo : span[1] - self.lo]
-                keep.append((view, view.clone()))
+        for p, leaf, (start, end) in zip(
+            self.params, self.leaves, self.storage.piece_ranges(), strict=True
+        ):
+            # the gradients are already global: None means no rank used it
+            leaf.grad = None if p.grad is None else p.grad.reshape(-1)[start:end]
         self.optimizer.step()
-        for view, saved in keep:
-            view.copy_(saved)
-        flat = torch.empty(
-            self.layout.padded_numel, dtype=self.shard.dtype, device=self.shard.device
-        )
-        comm.all_gather(flat, self.shard.detach(), group=self.group, tag="params")
-        for p, view in zip(self.params, self.layout.views(flat), strict=True):
+        for leaf in self.leaves:
+            leaf.grad = None
+        full = self.storage.all_gather(self.shard, group=self.group, tag="params")
+        for p, view in zip(self.params, self.storage.views(full), strict=True):
             p.copy_(view)
         return None
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Gradients are global already: the plain torch clip applies (kept for symmetry)."""
         return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-
-    def _flat_shards(self) -> list[tuple[int, int, int]]:
-        return [(self.lo, self.hi, self.layout.numel)]
 
     def consolidate_state_dict(self, to: int = 0) -> dict:
         """The full optimizer state (collective: every rank must call it); kept for `to`."""

@@ -37,10 +37,18 @@ from torch import nn
 
 from .. import comm
 from .ddp import broadcast_state, check_same_model
-from .flat import FlatLayout, emit_shard_map
+from .flat import FlatShards, emit_shard_map
 from .precision import cast_at_edges, check_precision
-from .wrapper import WrappedOptimizer
-from .zero import ShardedOptimizerState, clip_grads_, emit_step, gather_flats, keep_unused
+from .reducer import Reducer, tensors_in
+from .wrapper import WrappedOptimizer, claim
+from .zero import (
+    ShardedOptimizerState,
+    check_process_group,
+    clip_grads_,
+    emit_step,
+    gather_values,
+    set_leaf_grads,
+)
 
 UnitPolicy = Callable[[str, nn.Module], bool]
 
@@ -65,23 +73,23 @@ def default_units(root: nn.Module) -> set[str]:
 
 
 class _Flat:
-    """One flat group of a unit's parameters (trainable or frozen), sharded by slices."""
+    """One flat group of a unit's parameters (trainable or frozen): a FlatShards whose slice
+    this rank keeps, and the full buffer gathered for forward and backward."""
 
     def __init__(self, unit: str, params, world_size: int, rank: int, dtype, trainable: bool):
         self.unit = unit
-        self.params = params  # [(name, parameter)]
+        self.storage = FlatShards(params, world_size, rank, dtype)
+        self.params = self.storage.params  # [(name, parameter)]
+        self.layout, self.lo, self.hi = self.storage.layout, self.storage.lo, self.storage.hi
         self.trainable = trainable
         self.dtype = dtype  # the compute dtype: what is gathered and reduced
-        self.device = params[0][1].device
-        self.layout = FlatLayout.of([p for _, p in params], align=world_size)
-        self.lo, self.hi = self.layout.shard_range(rank, world_size)
-        with torch.no_grad():
-            full = self.layout.flatten([p.detach().float() for _, p in params])
-        master = full[self.lo : self.hi].clone()
-        # the master weights: fp32, stepped by the optimizer (a leaf for trainable groups)
-        self.master = nn.Parameter(master) if trainable else master
+        self.device = self.storage.device
+        full = self.storage.flatten(torch.float32)
+        # the master weights: fp32, stepped by the optimizer through one leaf per parameter
+        self.master = full[self.lo : self.hi].clone()
+        self.leaves = self.storage.shard_leaves(self.master) if trainable else []
         # what this rank contributes to a gather: the master itself in fp32, a bf16 copy else
-        self.local = self.master if dtype == torch.float32 else master.to(dtype)
+        self.local = self.master if dtype == torch.float32 else self.master.to(dtype)
         # The whole flat buffer, one storage for the life of the unit. Freeing resizes that
         # storage to 0 bytes and gathering gives the bytes back: tensors that autograd saved in
         # forward (views of the parameters, such as a transposed weight) share it, so they
@@ -90,11 +98,18 @@ class _Flat:
         # touching one outside its unit gives an error, not a read of freed memory.
         self.full = torch.empty(self.layout.padded_numel, dtype=dtype, device=self.device)
         self._nbytes = self.full.untyped_storage().nbytes()
-        self.grad_full: torch.Tensor | None = None  # gradients, alive until reduce-scattered
-        self.grad_shard: torch.Tensor | None = None  # this rank's reduced gradient slice
-        self.work = None
-        self.used: set[int] = set()
+        self.reduced = None  # the reducer's bucket of a trainable flat (its grad_shard)
         self.free()
+
+    @property
+    def grad_full(self) -> torch.Tensor | None:
+        """The full gradient buffer, alive until reduce-scattered."""
+        return self.storage.grad
+
+    @property
+    def grad_shard(self) -> torch.Tensor | None:
+        """This rank's reduced gradient slice."""
+        return None if self.reduced is None else self.reduced.grad_shard
 
     def begin_gather(self, group, async_op: bool):
         self.full.untyped_storage().resize_(self._nbytes)  # the same storage, memory again
@@ -115,13 +130,6 @@ class _Flat:
             p.data = torch.empty(0, dtype=self.dtype, device=self.device)
         self.full.untyped_storage().resize_(0)
 
-    def grad_buffer(self) -> torch.Tensor:
-        if self.grad_full is None:
-            self.grad_full = torch.zeros(
-                self.layout.padded_numel, dtype=self.dtype, device=self.device
-            )
-        return self.grad_full
-
 
 class _Unit:
     def __init__(self, index: int, name: str, module: nn.Module, flats: list[_Flat]) -> None:
@@ -132,7 +140,9 @@ class _Unit:
         self.trainable = [f for f in flats if f.trainable]
         self.gathered = False
         self.gather_works: list = []
-        self.pending = 0  # trainable parameters whose gradient is not in yet
+        self.calls = 0  # forward calls this step
+        self.hooked = 0  # of which with a post-backward hook (an input that requires grad)
+        self.fired = 0  # post-backward hooks run so far
 
 
 class Zero3:
@@ -146,8 +156,8 @@ class Zero3:
         precision: str = "fp32",
         group=None,
     ) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ZeRO-3 needs a process group: build it inside a LiveCluster job")
+        check_process_group("ZeRO-3")
+        claim("zero3", module)
         if units is not None and not callable(units):
             raise TypeError("units must be a callable (name, module) -> bool")
         self.dtype = check_precision(precision)
@@ -170,20 +180,31 @@ class Zero3:
         self.units = self._make_units(units)
         self._order: list[_Unit] = []  # units in the order of the first forward
         self._recording = True
-        self._finalize_queued = False
-        self._next_launch = 0
         self._steps = 0
         self._forward_at = time.time()
         self._backward_end: float | None = None
         self._exposed_s = 0.0  # what the last backward left waiting for reduce-scatters
+        # the reducer: one bucket per trainable flat, in backward order (the last unit's
+        # first); each unit's reduce-scatter is requested by its post-backward hook, so the
+        # autograd graph, not the arrival of gradients, places it
+        trainable = [f for u in reversed(self.units) for f in u.trainable]
+        self.reducer = Reducer(
+            [f.storage for f in trainable],
+            "reduce_scatter",
+            group,
+            launch="on_request",
+            grads="release",
+            tag="grads:",
+            on_finished=self._end_of_backward,
+        )
+        for flat, bucket in zip(trainable, self.reducer.buckets, strict=True):
+            flat.reduced = bucket
+        self._bucket_index = {id(f): i for i, f in enumerate(trainable)}
         self._handles = []
-        self._where: dict[int, tuple[_Unit, _Flat, int]] = {}
         for unit in self.units:
-            for flat in unit.trainable:
-                for slot, (_, p) in enumerate(flat.params):
-                    self._where[id(p)] = (unit, flat, slot)
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
-            self._handles.append(unit.module.register_forward_pre_hook(self._pre_forward(unit)))
+            self._handles.append(
+                unit.module.register_forward_pre_hook(self._pre_forward(unit), with_kwargs=True)
+            )
             self._handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
         self._handles.append(module.register_forward_pre_hook(self._root_pre_forward))
         if self.dtype != torch.float32:
@@ -323,20 +344,35 @@ class Zero3:
         self._forward_at = time.time()
 
     def _pre_forward(self, unit: _Unit):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             if self._recording and unit not in self._order:
                 self._order.append(unit)
             self._ensure(unit)
             self._prefetch_after(unit, +1)
+            if not torch.is_grad_enabled():
+                return None
+            unit.calls += 1
+            return self._register_post_backward(unit, args, kwargs)
 
         return hook
+
+    def _register_post_backward(self, unit: _Unit, args, kwargs):
+        """Pass the unit's inputs through an identity whose backward runs once the gradients
+        of the unit's inputs, and so of all its parameters, are computed (FSDP2's
+        RegisterPostBackwardFunction): the unit's reduce-scatter goes there."""
+        inputs = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
+        if not inputs:
+            return None
+        unit.hooked += 1
+        outputs = iter(_PostBackward.apply(lambda: self._post_backward(unit), *inputs))
+        return _replace(args, inputs, outputs), _replace(kwargs, inputs, outputs)
 
     def _post_forward(self, unit: _Unit):
         def hook(module, args, output):
             if unit.module is self.module:
                 self._recording = False  # the first forward is over: the order is known
             if torch.is_grad_enabled():
-                for t in _tensors(output):
+                for t in tensors_in(output):
                     if t.requires_grad:
                         t.register_hook(self._pre_backward(unit))
             self._free(unit)
@@ -346,83 +382,33 @@ class Zero3:
 
     def _pre_backward(self, unit: _Unit):
         def hook(grad):
-            if not self._finalize_queued:
-                self._finalize_queued = True
-                self._backward_end = None
-                for u in self.units:
-                    u.pending = sum(len(f.params) for f in u.trainable)
-                torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+            self.reducer.start_backward()
             self._ensure(unit)
             self._prefetch_after(unit, -1)
             return grad
 
         return hook
 
-    def _grad_ready(self, param: torch.Tensor) -> None:
-        unit, flat, slot = self._where[id(param)]
-        flat.layout.views(flat.grad_buffer())[slot].copy_(param.grad)
-        param.grad = None  # the full gradient is in the flat buffer now
-        flat.used.add(slot)
-        unit.pending -= 1
-        if unit.pending == 0:
-            self._launch_in_order()
-        for done in self._backward_order()[: self._next_launch]:
-            # a unit whose reduce-scatter has completed needs its full gradients no more
-            for f in done.trainable:
-                if f.work is not None and f.work[0].is_completed():
-                    self._collect(f)
-
-    def _collect(self, flat: _Flat) -> None:
-        """Take a finished reduce-scatter's shard; drop the full gradient buffer."""
-        work, shard = flat.work
-        work.wait()
-        flat.grad_shard = shard if flat.grad_shard is None else flat.grad_shard + shard
-        flat.grad_full = None
-        flat.work = None
-
-    def _launch_in_order(self) -> None:
-        order = self._backward_order()
-        while self._next_launch < len(order):
-            unit = order[self._next_launch]
-            if unit.pending:
-                return
-            self._launch(unit)
-            self._next_launch += 1
-
-    def _backward_order(self) -> list[_Unit]:
-        return [u for u in reversed(self.units) if u.trainable]
-
-    def _launch(self, unit: _Unit) -> None:
+    def _post_backward(self, unit: _Unit) -> None:
+        unit.fired += 1
+        if unit.fired < unit.calls or unit.hooked < unit.calls:
+            return  # a unit called again in forward: its gradients are not all in yet
         for flat in unit.trainable:
-            buffer = flat.grad_buffer()
-            buffer.div_(self.world_size)  # pre-divide: the sum is the mean
-            shard = torch.empty(flat.hi - flat.lo, dtype=self.dtype, device=flat.device)
-            flat.work = (
-                comm.reduce_scatter(
-                    shard, buffer, group=self.group, async_op=True, tag=f"grads:{unit.name}"
-                ),
-                shard,
-            )
-        # Every use of its trainable parameters is behind us (each use feeds their gradient):
-        # they can go. Frozen ones may still be needed for the gradient of the unit's input,
-        # and are freed at the end of backward.
+            self.reducer.launch_bucket(self._bucket_index[id(flat)])
+        # Every use of its trainable parameters is behind us: they can go. Frozen ones may
+        # still be needed for the gradient of the unit's input, and go at the end of backward.
         for flat in unit.trainable:
             flat.free()
 
-    def _finalize(self) -> None:
-        self._backward_end = time.time()
+    def _end_of_backward(self, backward_end: float) -> None:
+        """After the reducer has launched the rest (units whose inputs need no gradient, such
+        as the first one's) and waited for every reduce-scatter."""
+        self._backward_end = backward_end
         for unit in self.units:
-            unit.pending = 0  # parameters with no gradient contribute zeros
-        self._launch_in_order()
-        for unit in self.units:
-            for flat in unit.trainable:
-                if flat.work is not None:
-                    self._collect(flat)
             if unit.gathered or unit.gather_works:
                 self._free(unit)
-        self._exposed_s = time.time() - self._backward_end
-        self._next_launch = 0
-        self._finalize_queued = False
+            unit.calls = unit.hooked = unit.fired = 0
+        self._exposed_s = time.time() - backward_end
 
     # -- for the optimizer -----------------------------------------------------------------
     def flats(self, trainable: bool = True) -> list[_Flat]:
@@ -430,24 +416,43 @@ class Zero3:
 
     def full_values(self) -> dict[int, torch.Tensor]:
         """{id(parameter): its full fp32 value}, gathered from the shards (collective)."""
-        return gather_flats(
-            [(f.layout, f.master, f.params) for u in self.units for f in u.flats], self.group
+        return gather_values(
+            [(f.storage, f.master) for u in self.units for f in u.flats], self.group
         )
 
 
-def _tensors(value):
+class _PostBackward(torch.autograd.Function):
+    """Identity in forward; its backward calls `callback` (then passes the gradients on)."""
+
+    @staticmethod
+    def forward(ctx, callback, *inputs):
+        ctx.callback = callback
+        return tuple(t.view_as(t) for t in inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.callback()
+        return (None, *grads)
+
+
+def _replace(value, old: list, new):
+    """`value` with each tensor in `old` (by identity) replaced by the next of `new`."""
     if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+        return next(new) if any(value is t for t in old) else value
+    if isinstance(value, tuple):
+        return tuple(_replace(v, old, new) for v in value)
+    if isinstance(value, list):
+        return [_replace(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace(v, old, new) for k, v in value.items()}
+    return value
 
 
 class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
-    """The optimizer `parallelize(..., "zero3")` returns: it steps this rank's shards."""
+    """The optimizer `parallelize(..., "zero3")` returns: it steps this rank's shards.
+
+    `optimizer` is called with one leaf per trainable parameter, in module.parameters() order
+    (this rank's piece of each), so it may build param groups as for the module itself."""
 
     def __init__(self, engine: Zero3, optimizer: Callable) -> None:
         self.engine = engine
@@ -455,20 +460,27 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
         self.group = engine.group
         self.world_size, self.rank = engine.world_size, engine.rank
         self._flats = engine.flats()
-        masters = [f.master for f in self._flats]
-        self._adopt(masters, optimizer(masters))
+        leaf_of = {
+            id(p): leaf
+            for f in self._flats
+            for (_, p), leaf in zip(f.params, f.leaves, strict=True)
+        }
+        ordered = [leaf_of[id(p)] for p in engine.module.parameters() if id(p) in leaf_of]
+        self._adopt(ordered, optimizer(ordered))
         self.params = []  # module parameters never hold a gradient past backward
 
     def _shards(self) -> list[torch.Tensor]:
-        return [f.master for f in self._flats]
+        return [leaf for f in self._flats for leaf in f.leaves]
+
+    def sharded(self):
+        return [(f.storage, f.leaves) for f in self._flats]
 
     def full_values(self) -> dict[int, torch.Tensor]:
         return self.engine.full_values()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        for flat in self._flats:
-            flat.grad_shard = None
+        self.engine.reducer.zero_grad()
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         flats = self.engine.flats(trainable=False)
@@ -489,18 +501,13 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
         start = time.time()
         engine = self.engine
         for flat in self._flats:
-            flat.master.grad = flat.grad_shard.to(flat.master.dtype)
-        keep = keep_unused(
-            [(f.layout, f.lo, f.hi, f.master, f.used) for f in self._flats], self.group
-        )
+            set_leaf_grads(flat.storage, flat.leaves, flat.grad_shard, engine.reducer.unused)
         self.optimizer.step()
-        for view, saved in keep:
-            view.copy_(saved)
         for flat in self._flats:
-            flat.used = set()
             if flat.local is not flat.master:
                 flat.local.copy_(flat.master)  # the bf16 shard the next gathers send
-                flat.master.grad = None  # the fp32 gradient lives only inside step()
+            for leaf in flat.leaves:
+                leaf.grad = None  # the fp32 gradient lives only inside step()
         backward_end = engine._backward_end or start
         emit_step(engine._steps, engine._forward_at, backward_end, start, engine._exposed_s)
         engine._steps += 1
@@ -510,6 +517,3 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
         """Clip to the global gradient norm across all shards (after backward, before step)."""
         grads = [f.grad_shard for f in self._flats if f.grad_shard is not None]
         return clip_grads_(grads, max_norm, self.group)
-
-    def _flat_shards(self) -> list[tuple[int, int, int]]:
-        return [(f.lo, f.hi, f.layout.numel) for f in self._flats]
