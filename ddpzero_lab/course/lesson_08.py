@@ -109,10 +109,23 @@ def formats() -> None:
         print(f"{name:<10}{info.bits:>5}{mantissa:>17}{info.eps:>11.2e}{info.max:>11.2e}")
 
 
+def _padding_on_rank(make_model, optimizer) -> int:
+    """Padding elements in this rank's slices of ZeRO-3's flat buffers."""
+    model, _ = dzl.parallelize(make_model(), "zero3", optimizer=optimizer, track_memory=False)
+    return sum(
+        max(0, min(u["slice"][1], u["padded"]) - max(u["slice"][0], u["numel"]))
+        for u in lesson_07.units_of(model)
+    )
+
+
 def check_state_bytes(cluster, candidate, make_model, local_batch, optimizer) -> str:
     """Measure ZeRO-3's bytes per rank in both precisions; raise AssertionError unless
     candidate(padded, world_size, precision) predicts them (AdamW's 4-byte step counter per
-    flat buffer aside)."""
+    parameter leaf aside, and its moments of the padding, which it does not keep)."""
+    # the optimizer holds one leaf per trainable parameter (its piece of this rank's shard,
+    # possibly empty): AdamW keeps one step counter per leaf, and no moments for padding
+    counters = 4 * sum(p.requires_grad for p in make_model().parameters())
+    padding = cluster.run(_padding_on_rank, make_model, optimizer)
     lines = []
     for precision in PRECISIONS:
         per_rank = cluster.run(
@@ -120,7 +133,8 @@ def check_state_bytes(cluster, candidate, make_model, local_batch, optimizer) ->
         )
         for rank, r in enumerate(per_rank):
             want = dict(r["held"])
-            want["optimizer"] -= 4 * r["flats"]  # AdamW's step counters: not model state
+            want["optimizer"] -= counters  # AdamW's step counters: not model state
+            want["optimizer"] += 8 * padding[rank]  # the formula counts two fp32 moments there
             got = candidate(r["padded"], len(per_rank), precision)
             if {k: got.get(k) for k in PARTS} != want:
                 raise AssertionError(
