@@ -163,7 +163,7 @@ def parallelize(
 def full_state_dict(model: nn.Module) -> dict:
     """Full, unsharded tensors, keyed exactly as the original module's state_dict(), on every
     rank (call it on every rank: strategies that shard parameters at rest gather them). With
-    precision="bf16-mixed" the parameters are the fp32 master weights. For DDP and ZeRO
+    mixed precision (bf16 or fp16) the parameters are the fp32 master weights. For DDP and ZeRO
     stages 1-2 in fp32 every rank already holds the full parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
