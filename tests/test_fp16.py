@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,14 @@ from torch.overrides import TorchFunctionMode
 
 import ddpzero_lab as dzl
 
-STEPS, LOCAL_BATCH, WORLD = 6, 4, 2
+# 5 steps: the scale falls at the first, grows at the third and fifth; a sixth step at 2**17
+# overflows in a rank's half-batch gradient but not in the whole batch's (fp16's range, so
+# torch's DDP would skip it too): no longer the same steps skipped
+STEPS, LOCAL_BATCH, WORLD = 5, 4, 2
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 # init_scale 2**16 overflows at first (the reference skips too), growth_interval=2 grows it back
 SCALER = {"init_scale": 2.0**16, "growth_interval": 2}
+MAX_NORM = 1.0  # clipping after unscale_ sees the unscaled gradients
 TOLERANCE = 1e-2  # fp16 round-off: halves of the batch summed by a collective, not one matmul
 
 
@@ -41,13 +47,15 @@ def torch_reference(steps: int = STEPS):
     model.half()
     opt = OPTIMIZERS["sgd"](masters)
     scaler = torch.amp.GradScaler("cpu", **SCALER)
-    scales = []
+    scales, norms = [], []
     for step in range(steps):
         x, y = global_batch(step, WORLD, LOCAL_BATCH)
         loss = F.mse_loss(model(x.half()).float(), y)
         scaler.scale(loss).backward()
         for p, m in zip(params, masters, strict=True):
             m.grad = None if p.grad is None else p.grad.float()
+        scaler.unscale_(opt)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(masters, MAX_NORM)))
         scaler.step(opt)
         scaler.update()
         with torch.no_grad():
@@ -60,7 +68,7 @@ def torch_reference(steps: int = STEPS):
     state = make_model().state_dict()
     names = [n for n, p in make_model().named_parameters() if p.requires_grad]
     state.update({n: m.detach().clone() for n, m in zip(names, masters, strict=True)})
-    return state, scales
+    return state, scales, norms
 
 
 def train_fp16(strategy: str, steps: int = STEPS, **options):
@@ -77,7 +85,7 @@ def train_fp16(strategy: str, steps: int = STEPS, **options):
         **options,
     )
     scaler = dzl.GradScaler(**SCALER)
-    scales = []
+    scales, norms = [], []
     for step in range(steps):
         x, y = global_batch(step, WORLD, LOCAL_BATCH)
         if distributed:
@@ -86,17 +94,28 @@ def train_fp16(strategy: str, steps: int = STEPS, **options):
         loss = F.mse_loss(model(x), y)
         assert loss.dtype == torch.float32  # the output is cast back at the model's edge
         scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norms.append(opt.clip_grad_norm_(MAX_NORM))  # the global norm of unscaled gradients
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
         scales.append(scaler.get_scale())
-    return dzl.full_state_dict(model), scales
+    return dzl.full_state_dict(model), scales, norms
+
+
+def _assert_same_norms(got: list[float], want: list[float]) -> None:
+    for g, w in zip(got, want, strict=True):
+        if math.isfinite(w):  # a skipped step's norm is inf (or nan) in both
+            assert g == pytest.approx(w, rel=TOLERANCE)
+        else:
+            assert not math.isfinite(g)
 
 
 def test_grad_scaler_in_one_process_is_torchs():
-    want, want_scales = torch_reference()
-    got, scales = train_fp16("local")
+    want, want_scales, want_norms = torch_reference()
+    got, scales, norms = train_fp16("local")
     assert scales == want_scales
+    _assert_same_norms(norms, want_norms)
     # the run really skipped (the scale fell) and grew back
     assert min(scales) < SCALER["init_scale"] and scales[-1] > min(scales)
     assert_same_parameters(got, want, atol=1e-6)
@@ -104,10 +123,11 @@ def test_grad_scaler_in_one_process_is_torchs():
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_fp16_with_loss_scaling_equals_one_process_with_torchs_grad_scaler(cluster, strategy):
-    want, want_scales = torch_reference()
+    want, want_scales, want_norms = torch_reference()
     results = cluster.run(train_fp16, strategy, **_options(strategy))
-    for got, scales in results:
+    for got, scales, norms in results:
         assert scales == want_scales  # the same steps skipped, the same growth
+        _assert_same_norms(norms, want_norms)
         assert_same_parameters(got, want, atol=TOLERANCE)
     # fp16 round-off, not more: every strategy lands on the same values
     assert_same_parameters(results[0][0], results[1][0], atol=0)
@@ -277,3 +297,28 @@ def test_policy_arguments_are_checked():
         dzl.parallelize(nn.Linear(2, 2), "local", optimizer=torch.optim.SGD, precision="fp8")
     policy = dzl.MixedPrecisionPolicy(torch.float16, modules=lambda m: isinstance(m, nn.Linear))
     assert policy.covers(nn.Linear(2, 2)) and not policy.covers(nn.LayerNorm(2))
+
+
+def _gradient_bytes_on_the_wire(strategy: str, reduce_dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32))
+    policy = dzl.MixedPrecisionPolicy(torch.float16, reduce_dtype=reduce_dtype, modules=None)
+    model, opt = dzl.parallelize(
+        model,
+        strategy,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        precision=policy,
+        track_memory=False,
+    )
+    dzl.reset_traffic()
+    F.mse_loss(model(torch.randn(4, 32)), torch.zeros(4, 32)).backward()
+    opt.step()  # ZeRO-1 reduces here
+    return dzl.traffic()["all_reduce" if strategy == "ddp" else "reduce_scatter"]["bytes"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_reduce_dtype_is_the_dtype_on_the_wire(cluster, strategy):
+    fp16 = cluster.run(_gradient_bytes_on_the_wire, strategy, None)
+    fp32 = cluster.run(_gradient_bytes_on_the_wire, strategy, torch.float32)
+    for low, full in zip(fp16, fp32, strict=True):
+        assert full == 2 * low > 0

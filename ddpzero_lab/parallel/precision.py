@@ -218,9 +218,10 @@ class MasterWeightsOptimizer(WrappedOptimizer):
         return None
 
     def clip_grad_norm_(self, max_norm: float) -> float:
-        # the gradients may still carry the loss scale: clip them to max_norm times it
-        scaled = torch.nn.utils.clip_grad_norm_(self.params, max_norm / self.inv_scale)
-        return float(scaled) * self.inv_scale
+        from .zero import clip_scaled_
+
+        # replicated gradients: no communication; the norm is summed in fp64
+        return clip_scaled_(self, self.scaler_grads(), max_norm, distributed=False)
 
 
 def unscaled(grad: torch.Tensor, inv_scale: float) -> torch.Tensor:

@@ -288,9 +288,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         """Clip to a global gradient norm across all shards (call after backward, before
         step). Returns the norm before clipping. In stage 1 the gradients are reduced here
         first, so that the norm is the global one."""
-        shards = self.scaler_grads()
-        # gradients that still carry a loss scale: clip to max_norm times it
-        return clip_grads_(shards, max_norm / self.inv_scale, self.group) * self.inv_scale
+        return clip_scaled_(self, self.scaler_grads(), max_norm, self.group)
 
 
 # --- what the sharded optimizers share ---------------------------------------------------------
@@ -348,20 +346,44 @@ def clip_shard_grad_norm_(shards: list[torch.Tensor], max_norm: float, group=Non
     return clip_grads_([s.grad for s in shards if s.grad is not None], max_norm, group)
 
 
-def clip_grads_(grads: list[torch.Tensor], max_norm: float, group=None) -> float:
-    """clip_shard_grad_norm_ on the gradient tensors themselves."""
+def clip_grads_(
+    grads: list[torch.Tensor], max_norm: float, group=None, distributed: bool = True
+) -> float:
+    """clip_shard_grad_norm_ on the gradient tensors themselves (distributed=False: the
+    gradients are whole on every rank, nothing to add up)."""
+    total = grad_norm(grads, max_norm, group, distributed)
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
+def grad_norm(grads, max_norm: float, group=None, distributed: bool = True) -> float:
+    """The global 2-norm of `grads` (summed in fp64 on each rank, one all-reduce adds the
+    ranks' sums when distributed); checks max_norm."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros(1, dtype=torch.float64, device=device)
     for g in grads:
         squares += g.detach().double().pow(2).sum()
-    comm.all_reduce(squares, group=group, tag="grad_norm")
-    total = float(squares.sqrt())
+    if distributed:
+        comm.all_reduce(squares, group=group, tag="grad_norm")
+    return float(squares.sqrt())
+
+
+def clip_scaled_(optimizer, grads, max_norm: float, group=None, distributed: bool = True):
+    """Clip gradients that still carry GradScaler's loss scale (optimizer.inv_scale != 1):
+    the norm is the unscaled one, and the clip coefficient joins inv_scale, applied once the
+    gradients are cast to fp32 in step() (as torch's clip after unscale_, with no rounding in
+    the low precision). Unscaled gradients are clipped in place, as clip_grads_."""
+    if optimizer.inv_scale == 1.0:
+        return clip_grads_(grads, max_norm, group, distributed)
+    total = grad_norm(grads, max_norm, group, distributed) * optimizer.inv_scale
     scale = max_norm / (total + 1e-6)
     if scale < 1:
-        for g in grads:
-            g.mul_(scale)
+        optimizer.inv_scale *= scale
     return total
 
 
@@ -522,9 +544,9 @@ class ZeroOptimizer(ShardedOptimizerState, WrappedOptimizer):
         return None
 
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """Gradients are global already: the plain torch clip applies (kept for symmetry)."""
-        scaled = torch.nn.utils.clip_grad_norm_(self.params, max_norm / self.inv_scale)
-        return float(scaled) * self.inv_scale
+        """Gradients are global already: no communication (kept for symmetry)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return clip_scaled_(self, grads, max_norm, distributed=False)
 
     def consolidate_state_dict(self, to: int = 0) -> dict:
         """The full optimizer state (collective: every rank must call it); kept for `to`."""

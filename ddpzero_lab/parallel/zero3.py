@@ -44,7 +44,7 @@ from .wrapper import WrappedOptimizer, claim
 from .zero import (
     ShardedOptimizerState,
     check_process_group,
-    clip_grads_,
+    clip_scaled_,
     emit_step,
     gather_values,
     set_leaf_grads,
@@ -534,6 +534,4 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip to the global gradient norm across all shards (after backward, before step)."""
-        # gradients that still carry a loss scale: clip to max_norm times it
-        grads = self.scaler_grads()
-        return clip_grads_(grads, max_norm / self.inv_scale, self.group) * self.inv_scale
+        return clip_scaled_(self, self.scaler_grads(), max_norm, self.group)
