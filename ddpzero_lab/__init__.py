@@ -8,7 +8,14 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, state, world_size
 from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
-from .parallel import DDP, ZeroOptimizer, full_state_dict, parallelize
+from .parallel import (
+    DDP,
+    GradScaler,
+    MixedPrecisionPolicy,
+    ZeroOptimizer,
+    full_state_dict,
+    parallelize,
+)
 from .telemetry import emit
 from .viz import Dashboard, MemoryCalculator
 
@@ -21,10 +28,12 @@ __all__ = [
     "ClusterError",
     "DDP",
     "Dashboard",
+    "GradScaler",
     "Job",
     "LiveCluster",
     "MemoryCalculator",
     "MemoryTracker",
+    "MixedPrecisionPolicy",
     "RankError",
     "ZeroOptimizer",
     "device",

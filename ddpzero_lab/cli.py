@@ -384,7 +384,7 @@ def _add_train_parser(sub) -> None:
     )
     train.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     train.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    train.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32")
+    train.add_argument("--precision", choices=["fp32", "bf16-mixed", "fp16-mixed"], default="fp32")
     train.add_argument(
         "--grad-accum", type=int, default=1, help="micro-batches accumulated per step"
     )

@@ -1,6 +1,6 @@
 """bf16-mixed precision: every strategy equals a single process using the same bf16/fp32
 scheme (to bf16 round-off), and model state per rank is the paper's 2 + 2 + 12 bytes per
-parameter split by stage; fp32 gives 4 + 4 + 8. Both precisions, stages 0-3."""
+parameter split by stage (fp16-mixed alike); fp32 gives 4 + 4 + 8. Stages 0-3."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _state_bytes(strategy, precision):
     return after_backward, after_step
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed"])
 def test_model_state_per_rank_is_the_formula_for_every_stage(cluster2, precision):
     n, psi = 2, 32 * 48 + 48 + 48 * 32 + 32
     element, k = (4, 8) if precision == "fp32" else (2, 12)  # K: fp32 masters + Adam moments

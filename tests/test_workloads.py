@@ -373,6 +373,18 @@ def test_bf16_mixed_trains(cluster):
     assert losses[-1] < losses[0] - 0.2
 
 
+def test_fp16_mixed_trains_with_loss_scaling(cluster):
+    # the loop scales the loss (dzl.GradScaler): the first steps overflow at 2**16 and are
+    # skipped on both ranks, then the scale has fallen far enough to train
+    config = TrainConfig(
+        strategy="zero2", model="gpt", dataset="text", steps=10, batch_size=8, block_size=32,
+        precision="fp16-mixed", eval_samples=32,
+    )  # fmt: skip
+    losses = cluster.run(train, config)[0]["losses"]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.2
+
+
 def test_resume_with_the_checkpoint_api(cluster, tmp_path):
     if not hasattr(dzl, "save_checkpoint") or not hasattr(dzl, "load_checkpoint"):
         pytest.skip(

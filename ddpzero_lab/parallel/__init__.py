@@ -3,6 +3,7 @@
 from .api import STRATEGIES, full_state_dict, parallelize
 from .ddp import DDP
 from .param_server import ParameterServerOptimizer, message_bytes
+from .precision import GradScaler, MixedPrecisionPolicy
 from .zero import ZeroOptimizer, ZeroShardedOptimizer
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "ZeroShardedOptimizer",
     "full_state_dict",
     "DDP",
+    "GradScaler",
+    "MixedPrecisionPolicy",
     "STRATEGIES",
     "ParameterServerOptimizer",
     "message_bytes",

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from ..cluster.context import in_worker
-from .precision import MasterWeightsOptimizer, cast_at_edges, check_precision, to_compute_dtype
+from .precision import (
+    MasterWeightsOptimizer,
+    MixedPrecisionPolicy,
+    as_policy,
+    register_casts,
+    to_compute_dtype,
+)
 
 # What a layer above attaches to every parallelized model with track_memory on (memory.py
 # registers its tracker here): parallel/ imports nothing from the layers above it.
@@ -33,7 +39,7 @@ def parallelize(
     strategy: str = "ddp",
     optimizer: Callable | None = None,
     track_memory: bool | None = None,
-    precision: str = "fp32",
+    precision: str | MixedPrecisionPolicy = "fp32",
     **options,
 ):
     """Return (model, optimizer) for `strategy`; call inside a rank, every rank alike.
@@ -44,9 +50,12 @@ def parallelize(
                `lambda params: torch.optim.AdamW(params, lr=1e-3)`.
     track_memory: emit `memory` events at each phase of a step (default: on inside a
                LiveCluster rank, off elsewhere).
-    precision: "fp32", or "bf16-mixed" (all but param_server): bf16 parameters and gradients
-               for compute and communication, fp32 master weights and optimizer state; inputs
-               are cast to bf16 and outputs back to fp32 at the model's edges.
+    precision: "fp32", a dzl.MixedPrecisionPolicy (all but param_server: which modules
+               compute in bf16 or fp16, in which dtype gradients are reduced), or a shorthand:
+               "bf16-mixed" / "fp16-mixed", bf16 / fp16 parameters and gradients for compute
+               and communication, fp32 master weights and optimizer state; inputs are cast
+               to the low dtype and outputs back to fp32 at the model's edges. fp16 needs loss
+               scaling: train with dzl.GradScaler (used as torch's GradScaler).
     options:   ddp: bucket_cap_mb=, ...; zero1/zero2: bucket_cap_mb=, group=; zero3: units=
                (a callable (name, module) -> bool choosing the units; default each child of
                the root with parameters), prefetch= (all-gather the next unit while one runs),
@@ -67,14 +76,14 @@ def parallelize(
             "strategy decides which parameters each rank's optimizer holds), e.g. "
             "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
         )
-    dtype = check_precision(precision)
+    policy = as_policy(precision)
     if strategy not in AVAILABLE:
         raise NotImplementedError(
             f"strategy {strategy!r} is not built yet; available now: {', '.join(AVAILABLE)}"
         )
-    if precision != "fp32" and strategy == "param_server":
+    if policy is not None and strategy == "param_server":
         raise ValueError("the parameter server trains in fp32 only (precision='fp32')")
-    mixed = precision != "fp32" and strategy != "zero3"  # zero3 casts its own shards
+    mixed = policy is not None and strategy != "zero3"  # zero3 casts its own shards
     if mixed and strategy != "local":
         # the fp32 masters are taken before the cast: take them from rank 0's values, as the
         # strategy would have broadcast them
@@ -82,9 +91,11 @@ def parallelize(
 
         check_same_model(module, options.get("group"))
         broadcast_state([*module.parameters(), *module.buffers()], options.get("group"))
-    masters = to_compute_dtype(module, dtype) if mixed else None
+    masters = to_compute_dtype(module, policy) if mixed else None
     if mixed:
-        cast_at_edges(module, dtype)
+        register_casts(module, policy)
+    if mixed and policy.reduce_dtype is not None and strategy in ("ddp", "zero1", "zero2"):
+        options = {**options, "reduce_dtype": policy.reduce_dtype}
 
     def replicated_optimizer():
         params = [p for p in module.parameters() if p.requires_grad]
@@ -105,7 +116,7 @@ def parallelize(
     elif strategy in ("zero1", "zero2"):
         from .zero import ZeroShardedOptimizer
 
-        if set(options) - {"group", "bucket_cap_mb"}:
+        if set(options) - {"group", "bucket_cap_mb", "reduce_dtype"}:
             raise TypeError(
                 f"strategy {strategy!r} takes group= and bucket_cap_mb=, got {sorted(options)}"
             )
@@ -120,7 +131,7 @@ def parallelize(
             raise TypeError(
                 f"strategy 'zero3' takes units=, prefetch= and group=, got {sorted(options)}"
             )
-        engine = Zero3(module, precision=precision, **options)
+        engine = Zero3(module, precision=policy, **options)
         module._ddpzero_zero3 = engine  # checkpoints and lessons find the engine here
         model, opt = module, Zero3Optimizer(engine, optimizer)
     else:
@@ -152,7 +163,7 @@ def parallelize(
 def full_state_dict(model: nn.Module) -> dict:
     """Full, unsharded tensors, keyed exactly as the original module's state_dict(), on every
     rank (call it on every rank: strategies that shard parameters at rest gather them). With
-    precision="bf16-mixed" the parameters are the fp32 master weights. For DDP and ZeRO
+    mixed precision (bf16 or fp16) the parameters are the fp32 master weights. For DDP and ZeRO
     stages 1-2 in fp32 every rank already holds the full parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -87,6 +87,8 @@ class DDP(nn.Module):
     compression: None, "bf16" or "fp16": the all-reduce runs on a half-size copy.
     broadcast_buffers: copy rank 0's buffers (BatchNorm statistics) before every forward.
     rebuild_buckets: after the first step, rebuild buckets in gradient arrival order.
+    reduce_dtype: all-reduce low-precision gradients in this dtype (e.g. torch.float32 for a
+        MixedPrecisionPolicy's reduce_dtype); None: in the gradients' own dtype.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class DDP(nn.Module):
         compression: str | None = None,
         rebuild_buckets: bool = True,
         group=None,
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -150,6 +153,7 @@ class DDP(nn.Module):
             grads="view",
             find_unused_parameters=self.find_unused_parameters,
             compression=compression,
+            reduce_dtype=reduce_dtype,
             on_finished=self._end_of_step,
         )
         self.reducer.record_arrival = self.rebuild_buckets

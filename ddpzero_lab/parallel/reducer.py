@@ -80,6 +80,8 @@ class Reducer:
     in_place: reduce-scatter into the bucket's own slice (ZeRO-1: no second gradient buffer).
     find_unused_parameters: False raises when a parameter gets no gradient (torch's DDP
              default); True applies the unused-parameter policy and sends the mask.
+    reduce_dtype: communicate in this dtype (a MixedPrecisionPolicy's reduce_dtype: fp16 or
+             bf16 gradients summed in fp32); None: in the bucket's own dtype.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class Reducer:
         in_place: bool = False,
         find_unused_parameters: bool = True,
         compression: str | None = None,
+        reduce_dtype: torch.dtype | None = None,
         tag: str = "bucket",
         on_finished: Callable[[float], None] | None = None,
     ) -> None:
@@ -107,6 +110,7 @@ class Reducer:
         self.in_place = in_place
         self.find_unused_parameters = find_unused_parameters
         self.compression = compression
+        self.reduce_dtype = reduce_dtype
         self.tag = tag
         self.on_finished = on_finished
         self.enabled = True  # False inside DDP's no_sync()
@@ -238,14 +242,15 @@ class Reducer:
         buffer.div_(self.world_size)  # pre-divide, as torch does: the sum is the mean
         bucket.launched_at = time.time()
         tag = f"{self.tag}{bucket.index}"
+        # the dtype on the wire: DDP's compression, or the policy's reduce_dtype
+        wire = _LOW[self.compression] or self.reduce_dtype
+        if wire is not None and wire != buffer.dtype:
+            bucket.low = buffer.to(wire)  # a copy in flight, copied back (DDP) when done
+            buffer = bucket.low
         if self.reduce == "all_reduce":  # DDP: every rank receives the whole averaged bucket
-            low = _LOW[self.compression]
-            if low is not None:
-                bucket.low = buffer.to(low)
-                buffer = bucket.low
             bucket.work = comm.all_reduce(buffer, group=self.group, async_op=True, tag=tag)
         else:  # ZeRO: rank r receives only the averaged slice r, the one it steps
-            if self.in_place:
+            if self.in_place and bucket.low is None:
                 bucket.incoming = buffer[storage.lo : storage.hi]
             else:
                 bucket.incoming = torch.empty(
@@ -343,6 +348,7 @@ class Reducer:
                         p.grad = view
             return
         incoming, bucket.incoming = bucket.incoming, None
+        bucket.low = None
         if self.in_place:
             bucket.grad_shard = incoming  # a view of the bucket: accumulation happens there
         elif bucket.grad_shard is None:

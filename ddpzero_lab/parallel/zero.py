@@ -100,6 +100,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         bucket_cap_mb: float | None = None,
         group=None,
         masters: list[torch.Tensor] | None = None,
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -121,18 +122,17 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the module has no trainable parameters (requires_grad=True)")
-        kinds = {(p.dtype, p.device) for _, p in named}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"ZeRO here needs one dtype and device for all parameters; got {kinds}"
-            )
+        devices = {p.device for _, p in named}
+        if len(devices) > 1:
+            raise ValueError(f"ZeRO here needs one device for all parameters; got {devices}")
         self._named = named
-        # masters: fp32 values of the module's parameters from before a bf16 cast, in
-        # module.parameters() order (bf16-mixed); None: the parameters are the masters
+        # masters: fp32 values of the module's parameters from before a low-precision cast,
+        # in module.parameters() order (mixed precision); None: the parameters are the masters
         by_id = {}
         if masters is not None:
             by_id = {id(p): m for p, m in zip(module.parameters(), masters, strict=True)}
         self.mixed = masters is not None
+        self.inv_scale = 1.0  # set by GradScaler.unscale_: applied as gradients go to fp32
         cap = bucket_cap_mb if bucket_cap_mb is not None else (25 if stage == 2 else None)
         self.buckets = self._make_buckets(named, cap)
         self.shards: list[torch.Tensor] = []  # the optimizer's slice of each bucket
@@ -161,6 +161,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
             launch="at_step" if stage == 1 else "when_ready",
             grads="view" if stage == 1 else "release",
             in_place=stage == 1,
+            reduce_dtype=reduce_dtype,
             tag="grads",
         )
         self._reduced = False  # stage 1: gradients already reduced (by clipping)
@@ -176,11 +177,17 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
 
     # -- set-up ----------------------------------------------------------------------------
     def _make_buckets(self, named, cap_mb) -> list[FlatShards]:
-        # reverse order: the last layers' gradients are ready first in backward
+        # reverse order: the last layers' gradients are ready first in backward; one dtype
+        # per bucket (a mixed-precision policy may leave norms in fp32)
+        dtypes = list(dict.fromkeys(p.dtype for _, p in reversed(named)))
+        ordered = [(n, p) for d in dtypes for n, p in reversed(named) if p.dtype == d]
         groups, current, size = [], [], 0
-        for name, p in reversed(named):
+        for name, p in ordered:
             nbytes = p.numel() * p.element_size()
-            if current and cap_mb is not None and size + nbytes > cap_mb * MB:
+            if current and p.dtype != current[0][1].dtype:
+                groups.append(current)
+                current, size = [], 0
+            elif current and cap_mb is not None and size + nbytes > cap_mb * MB:
                 groups.append(current)
                 current, size = [], 0
             current.append((name, p))
@@ -225,6 +232,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self.reducer.zero_grad()
+        self._reduced = False  # (a step GradScaler skipped leaves it set)
         if self.stage == 1 and set_to_none:
             for bucket in self.buckets:
                 bucket.grad = None  # the next backward allocates it again
@@ -235,6 +243,12 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         return gather_values(zip(self.buckets, self.shards, strict=True), self.group)
 
     # -- the step -------------------------------------------------------------------------------
+    def scaler_grads(self) -> list[torch.Tensor]:
+        """This rank's reduced gradient shards, the ones step() applies (GradScaler checks
+        them for inf/NaN; stage 1 reduces here first)."""
+        self._reduce()
+        return [b.grad_shard for b in self.reducer.buckets if b.grad_shard is not None]
+
     def _reduce(self) -> None:
         if self.stage == 1 and not self._reduced:
             self.reducer.flush()
@@ -252,7 +266,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         self._reduce()
         for bucket, reduced in zip(self.buckets, self.reducer.buckets, strict=True):
             leaves = [self.leaves[id(p)] for _, p in bucket.params]
-            set_leaf_grads(bucket, leaves, reduced.grad_shard, self.reducer.unused)
+            set_leaf_grads(bucket, leaves, reduced.grad_shard, self.reducer.unused, self.inv_scale)
         self.optimizer.step()
         self._reduced = False
         for index, (bucket, shard) in enumerate(zip(self.buckets, self.shards, strict=True)):
@@ -274,22 +288,27 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         """Clip to a global gradient norm across all shards (call after backward, before
         step). Returns the norm before clipping. In stage 1 the gradients are reduced here
         first, so that the norm is the global one."""
-        self._reduce()
-        shards = [b.grad_shard for b in self.reducer.buckets if b.grad_shard is not None]
-        return clip_grads_(shards, max_norm, self.group)
+        return clip_scaled_(self, self.scaler_grads(), max_norm, self.group)
 
 
 # --- what the sharded optimizers share ---------------------------------------------------------
 
 
-def set_leaf_grads(storage: FlatShards, leaves, grad_shard: torch.Tensor, unused) -> None:
+def set_leaf_grads(
+    storage: FlatShards, leaves, grad_shard: torch.Tensor, unused, inv_scale: float = 1.0
+) -> None:
     """Give each shard leaf its piece of the reduced gradient slice `grad_shard` (in the
-    leaf's dtype), or None for a parameter no rank used: the optimizer skips it, as one
-    process skips a parameter whose .grad is None."""
+    leaf's dtype, times inv_scale: a loss scale undone after the cast), or None for a
+    parameter no rank used: the optimizer skips it, as one process skips a parameter whose
+    .grad is None."""
     for (_, p), leaf, piece in zip(
         storage.params, leaves, storage.shard_views(grad_shard), strict=True
     ):
-        leaf.grad = None if id(p) in unused else piece.to(leaf.dtype)
+        if id(p) in unused:
+            leaf.grad = None
+            continue
+        grad = piece.to(leaf.dtype)
+        leaf.grad = grad if inv_scale == 1.0 else grad * inv_scale
 
 
 def gather_values(storages_and_shards, group=None) -> dict[int, torch.Tensor]:
@@ -327,20 +346,44 @@ def clip_shard_grad_norm_(shards: list[torch.Tensor], max_norm: float, group=Non
     return clip_grads_([s.grad for s in shards if s.grad is not None], max_norm, group)
 
 
-def clip_grads_(grads: list[torch.Tensor], max_norm: float, group=None) -> float:
-    """clip_shard_grad_norm_ on the gradient tensors themselves."""
+def clip_grads_(
+    grads: list[torch.Tensor], max_norm: float, group=None, distributed: bool = True
+) -> float:
+    """clip_shard_grad_norm_ on the gradient tensors themselves (distributed=False: the
+    gradients are whole on every rank, nothing to add up)."""
+    total = grad_norm(grads, max_norm, group, distributed)
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
+def grad_norm(grads, max_norm: float, group=None, distributed: bool = True) -> float:
+    """The global 2-norm of `grads` (summed in fp64 on each rank, one all-reduce adds the
+    ranks' sums when distributed); checks max_norm."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros(1, dtype=torch.float64, device=device)
     for g in grads:
         squares += g.detach().double().pow(2).sum()
-    comm.all_reduce(squares, group=group, tag="grad_norm")
-    total = float(squares.sqrt())
+    if distributed:
+        comm.all_reduce(squares, group=group, tag="grad_norm")
+    return float(squares.sqrt())
+
+
+def clip_scaled_(optimizer, grads, max_norm: float, group=None, distributed: bool = True):
+    """Clip gradients that still carry GradScaler's loss scale (optimizer.inv_scale != 1):
+    the norm is the unscaled one, and the clip coefficient joins inv_scale, applied once the
+    gradients are cast to fp32 in step() (as torch's clip after unscale_, with no rounding in
+    the low precision). Unscaled gradients are clipped in place, as clip_grads_."""
+    if optimizer.inv_scale == 1.0:
+        return clip_grads_(grads, max_norm, group, distributed)
+    total = grad_norm(grads, max_norm, group, distributed) * optimizer.inv_scale
     scale = max_norm / (total + 1e-6)
     if scale < 1:
-        for g in grads:
-            g.mul_(scale)
+        optimizer.inv_scale *= scale
     return total
 
 
@@ -461,10 +504,19 @@ class ZeroOptimizer(ShardedOptimizerState, WrappedOptimizer):
             {**g, "params": [leaf_of[id(p)] for p in g["params"] if p.requires_grad]}
             for g in groups
         ]
+        self.inv_scale = 1.0  # set by GradScaler.unscale_
         self._adopt(self.leaves, optimizer_class(leaf_groups, **defaults))
 
     def _shards(self) -> list[torch.Tensor]:
         return self.leaves
+
+    def scaler_grads(self) -> list[torch.Tensor]:
+        """This rank's pieces of the gradients (GradScaler checks them for inf/NaN)."""
+        return [
+            p.grad.reshape(-1)[start:end]
+            for p, (start, end) in zip(self.params, self.storage.piece_ranges(), strict=True)
+            if p.grad is not None
+        ]
 
     def sharded(self):
         return [(self.storage, self.leaves)]
@@ -481,6 +533,8 @@ class ZeroOptimizer(ShardedOptimizerState, WrappedOptimizer):
         ):
             # the gradients are already global: None means no rank used it
             leaf.grad = None if p.grad is None else p.grad.reshape(-1)[start:end]
+            if leaf.grad is not None and self.inv_scale != 1.0:
+                leaf.grad = leaf.grad * self.inv_scale
         self.optimizer.step()
         for leaf in self.leaves:
             leaf.grad = None
@@ -490,8 +544,9 @@ class ZeroOptimizer(ShardedOptimizerState, WrappedOptimizer):
         return None
 
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """Gradients are global already: the plain torch clip applies (kept for symmetry)."""
-        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        """Gradients are global already: no communication (kept for symmetry)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return clip_scaled_(self, grads, max_norm, distributed=False)
 
     def consolidate_state_dict(self, to: int = 0) -> dict:
         """The full optimizer state (collective: every rank must call it); kept for `to`."""

@@ -38,13 +38,13 @@ from torch import nn
 from .. import comm
 from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map
-from .precision import cast_at_edges, check_precision
+from .precision import MixedPrecisionPolicy, as_policy, register_casts
 from .reducer import Reducer, tensors_in
 from .wrapper import WrappedOptimizer, claim
 from .zero import (
     ShardedOptimizerState,
     check_process_group,
-    clip_grads_,
+    clip_scaled_,
     emit_step,
     gather_values,
     set_leaf_grads,
@@ -153,14 +153,17 @@ class Zero3:
         module: nn.Module,
         units: UnitPolicy | None = None,
         prefetch: bool = False,
-        precision: str = "fp32",
+        precision: str | MixedPrecisionPolicy | None = "fp32",
         group=None,
     ) -> None:
         check_process_group("ZeRO-3")
         claim("zero3", module)
         if units is not None and not callable(units):
             raise TypeError("units must be a callable (name, module) -> bool")
-        self.dtype = check_precision(precision)
+        # the mixed-precision policy: each flat holds one dtype (a unit's fp32 norms and its
+        # low-precision weights are two flats)
+        self.policy = as_policy(precision)
+        self.dtype = torch.float32 if self.policy is None else self.policy.param_dtype
         self.precision = precision
         self.module = module
         self.group = group
@@ -177,6 +180,7 @@ class Zero3:
         if units is None:
             chosen = default_units(module)
             units = lambda name, mod: name in chosen  # noqa: E731
+        self._dtypes = self.policy.dtypes(module) if self.policy is not None else {}
         self.units = self._make_units(units)
         self._order: list[_Unit] = []  # units in the order of the first forward
         self._recording = True
@@ -194,6 +198,7 @@ class Zero3:
             group,
             launch="on_request",
             grads="release",
+            reduce_dtype=None if self.policy is None else self.policy.reduce_dtype,
             tag="grads:",
             on_finished=self._end_of_backward,
         )
@@ -207,8 +212,8 @@ class Zero3:
             )
             self._handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
         self._handles.append(module.register_forward_pre_hook(self._root_pre_forward))
-        if self.dtype != torch.float32:
-            self._handles.extend(cast_at_edges(module, self.dtype))
+        if self.policy is not None:
+            self._handles.extend(register_casts(module, self.policy))
         self._explain_empty_parameters(module)
         self._emit_shard_map()
 
@@ -243,19 +248,26 @@ class Zero3:
             if not params and unit_name != "":
                 continue
             flats = []
+            dtypes = list(dict.fromkeys(self._dtypes.get(id(p), torch.float32) for _, p in params))
             for trainable in (True, False):
-                group = [(n, p) for n, p in params if p.requires_grad == trainable]
-                if group:
-                    flats.append(
-                        _Flat(
-                            unit_name or "(root)",
-                            group,
-                            self.world_size,
-                            self.rank,
-                            self.dtype,
-                            trainable,
+                for dtype in dtypes:
+                    group = [
+                        (n, p)
+                        for n, p in params
+                        if p.requires_grad == trainable
+                        and self._dtypes.get(id(p), torch.float32) == dtype
+                    ]
+                    if group:
+                        flats.append(
+                            _Flat(
+                                unit_name or "(root)",
+                                group,
+                                self.world_size,
+                                self.rank,
+                                dtype,
+                                trainable,
+                            )
                         )
-                    )
             units.append(_Unit(len(units), unit_name, module, flats))
         if not any(u.trainable for u in units):
             raise ValueError("the module has no trainable parameters (requires_grad=True)")
@@ -267,7 +279,7 @@ class Zero3:
             for flat in unit.flats:
                 for index, (name, _) in enumerate(flat.params):
                     shape = flat.layout.shapes[index]  # on "meta": a shape, no memory
-                    named.append((name, torch.empty(shape, dtype=self.dtype, device="meta")))
+                    named.append((name, torch.empty(shape, dtype=flat.dtype, device="meta")))
                     owners.append(flat.layout.owners(index, self.world_size))
         emit_shard_map(
             "zero3", named, lambda i, n: (owners[i], owners[i], owners[i]), self.world_size
@@ -466,6 +478,7 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
             for (_, p), leaf in zip(f.params, f.leaves, strict=True)
         }
         ordered = [leaf_of[id(p)] for p in engine.module.parameters() if id(p) in leaf_of]
+        self.inv_scale = 1.0  # set by GradScaler.unscale_: applied as gradients go to fp32
         self._adopt(ordered, optimizer(ordered))
         self.params = []  # module parameters never hold a gradient past backward
 
@@ -484,13 +497,17 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         flats = self.engine.flats(trainable=False)
-        mixed = self.engine.dtype != torch.float32
         return {
             "params": [f.local for f in flats] + [f.full for f in flats],  # 0 bytes when freed
             "grads": [f.grad_shard for f in flats if f.grad_shard is not None],
-            "optimizer": [f.master for f in flats] if mixed else [],
+            # the fp32 masters of low-precision flats (an fp32 flat's master is its `local`)
+            "optimizer": [f.master for f in flats if f.local is not f.master],
             "scratch": [f.grad_full for f in flats if f.grad_full is not None],
         }
+
+    def scaler_grads(self) -> list[torch.Tensor]:
+        """This rank's reduced gradient shards (GradScaler checks them for inf/NaN)."""
+        return [f.grad_shard for f in self._flats if f.grad_shard is not None]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -501,7 +518,9 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
         start = time.time()
         engine = self.engine
         for flat in self._flats:
-            set_leaf_grads(flat.storage, flat.leaves, flat.grad_shard, engine.reducer.unused)
+            set_leaf_grads(
+                flat.storage, flat.leaves, flat.grad_shard, engine.reducer.unused, self.inv_scale
+            )
         self.optimizer.step()
         for flat in self._flats:
             if flat.local is not flat.master:
@@ -515,5 +534,4 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip to the global gradient norm across all shards (after backward, before step)."""
-        grads = [f.grad_shard for f in self._flats if f.grad_shard is not None]
-        return clip_grads_(grads, max_norm, self.group)
+        return clip_scaled_(self, self.scaler_grads(), max_norm, self.group)

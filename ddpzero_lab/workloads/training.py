@@ -33,7 +33,7 @@ from .sampler import ShardedSampler
 
 STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
 MODELS = ("mlp", "resnet18", "gpt")
-PRECISIONS = ("fp32", "bf16-mixed")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -327,6 +327,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 f"steps={config.steps}; ask for more steps"
             )
 
+    # fp16 needs dynamic loss scaling (a step with an inf/NaN gradient is skipped on every
+    # rank); bf16 and fp32 do not: then the scaler only calls optimizer.step()
+    scaler = dzl.GradScaler(enabled=config.precision == "fp16-mixed")
     sync_free = getattr(model, "no_sync", None) or getattr(optimizer, "no_sync", None)
     reduce_loss = world_size > 1 and config.strategy != "local"
     losses, step_times, evals = [], [], []
@@ -342,9 +345,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             with skip_sync or contextlib.nullcontext():
                 loss = _loss(model(inputs), targets)
                 # mean over the micro-batches: the gradient of the global batch's mean loss
-                (loss / config.grad_accum).backward()
+                scaler.scale(loss / config.grad_accum).backward()
             local_loss += loss.detach() / config.grad_accum
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         dzl.emit("loss", step=step, loss=float(local_loss))
         if reduce_loss:
