@@ -8,7 +8,15 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, state, world_size
 from .comm import reset_traffic, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
-from .parallel import DDP, ZeroOptimizer, full_state_dict, parallelize
+from .parallel import (
+    DDP,
+    Zero3,
+    ZeroOptimizer,
+    full_grads,
+    full_state_dict,
+    fully_shard,
+    parallelize,
+)
 from .telemetry import emit
 from .viz import Dashboard, MemoryCalculator
 
@@ -26,11 +34,14 @@ __all__ = [
     "MemoryCalculator",
     "MemoryTracker",
     "RankError",
+    "Zero3",
     "ZeroOptimizer",
     "device",
     "emit",
     "faults",
+    "full_grads",
     "full_state_dict",
+    "fully_shard",
     "model_state_bytes",
     "parallelize",
     "reset_traffic",

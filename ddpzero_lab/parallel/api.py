@@ -120,7 +120,7 @@ def parallelize(
             raise TypeError(
                 f"strategy 'zero3' takes units=, prefetch= and group=, got {sorted(options)}"
             )
-        engine = Zero3(module, precision=precision, **options)
+        engine = Zero3(module, precision=precision, shard_parameters=False, **options)
         module._ddpzero_zero3 = engine  # checkpoints and lessons find the engine here
         model, opt = module, Zero3Optimizer(engine, optimizer)
     else:
