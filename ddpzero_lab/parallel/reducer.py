@@ -317,6 +317,8 @@ class Reducer:
     def _all_reduce_unused_mask(self) -> None:
         """After the last bucket, as torch's reducer: which parameters no rank used."""
         params = [p for b in self.buckets for _, p in b.storage.params]
+        if not params:
+            return  # a ZeRO-3 module with frozen parameters only
         used = torch.tensor(
             [int(id(p) in self._used_here) for p in params],
             dtype=torch.int32,

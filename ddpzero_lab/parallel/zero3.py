@@ -204,6 +204,14 @@ class Zero3:
         self.shard_parameters = bool(shard_parameters)
         if self.shard_parameters:
             units = self._take_over_units(module, units)
+        for name, p in module.named_parameters():
+            entry = _PLACEHOLDERS.get(id(p))
+            if entry is not None and entry[0]() is p:
+                raise ValueError(
+                    f"parameter {name} is already sharded by ZeRO-3 through another module (a "
+                    "weight tied between modules?): shard a module that contains every module "
+                    "using it (their common parent, e.g. the root) instead"
+                )
         claim("zero3", module)
         self.dtype = check_precision(precision)
         self.precision = precision
@@ -437,7 +445,7 @@ class Zero3:
                         )
                     )
             units.append(_Unit(len(units), unit_name, module, flats))
-        if not any(u.trainable for u in units):
+        if not any(u.trainable for u in units) and not self.shard_parameters:
             raise ValueError("the module has no trainable parameters (requires_grad=True)")
         return units
 
