@@ -5,6 +5,8 @@ equal one process's; an optimizer that would step nothing raises instead."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from equivalence import OPTIMIZERS, global_batch, make_model
@@ -321,3 +323,33 @@ def test_bf16_mixed_equals_parallelize_zero3(ncluster, optimizer):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
         assert (got["hidden.weight"] - full["hidden.weight"]).abs().max() > 1e-4  # bf16 ran
+
+
+class _Skips(nn.Module):
+    """Unit `b` runs on rank 0 only: a ZeRO-3 unit skipped entirely on one rank cannot work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) if dzl.rank() == 0 else h
+
+
+def _skip_a_unit_on_one_rank():
+    torch.manual_seed(0)
+    model = _Skips()
+    dzl.fully_shard(model.a)
+    dzl.fully_shard(model.b)
+    dzl.fully_shard(model)
+    model(torch.randn(2, 4)).sum().backward()
+
+
+@pytest.mark.timeout(60)
+def test_a_unit_skipped_on_one_rank_times_out_naming_the_unit(short_cluster):
+    with pytest.raises(dzl.RankError) as info:
+        short_cluster.run(_skip_a_unit_on_one_rank)
+    report = info.value.report
+    # rank 0 waits to gather b's parameters, which rank 1 never asks for
+    assert re.search(r"rank 0 waited in all_gather #\d+ \(tag params:b\)", report), report

@@ -92,7 +92,7 @@ class Reducer:
         in_place: bool = False,
         find_unused_parameters: bool = True,
         compression: str | None = None,
-        tag: str = "bucket",
+        tag: str | Callable[[int], str] = "bucket",  # or bucket index -> its tag
         on_finished: Callable[[float], None] | None = None,
     ) -> None:
         if reduce not in REDUCE_OPS:
@@ -237,7 +237,7 @@ class Reducer:
         buffer = storage.grad_buffer()
         buffer.div_(self.world_size)  # pre-divide, as torch does: the sum is the mean
         bucket.launched_at = time.time()
-        tag = f"{self.tag}{bucket.index}"
+        tag = self.tag(bucket.index) if callable(self.tag) else f"{self.tag}{bucket.index}"
         if self.reduce == "all_reduce":  # DDP: every rank receives the whole averaged bucket
             low = _LOW[self.compression]
             if low is not None:

@@ -248,7 +248,7 @@ class Zero3:
             group,
             launch="on_request",
             grads="release",
-            tag="grads:",
+            tag=lambda index: f"grads:{trainable[index].unit}",  # a hang names the unit
             on_finished=self._end_of_backward,
         )
         for flat, bucket in zip(trainable, self.reducer.buckets, strict=True):
