@@ -55,7 +55,8 @@ def _fsdp_style_on_rank(optimizer: str, wrap: str, groups: bool = False):
             dzl.fully_shard(getattr(model, name))
         dzl.fully_shard(model)
     else:
-        dzl.Zero3(model)  # units chosen for it: each child of the root with parameters
+        model = dzl.Zero3(model)  # units chosen for it: each child of the root with parameters
+        assert sorted(u.name for u in model.units) == ["(root)", *sorted(UNITS)]
     shards = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = _build_optimizer(optimizer, model.named_parameters(), groups)
     grads, shard_grads = [], []
@@ -353,3 +354,28 @@ def test_a_unit_skipped_on_one_rank_times_out_naming_the_unit(short_cluster):
     report = info.value.report
     # rank 0 waits to gather b's parameters, which rank 1 never asks for
     assert re.search(r"rank 0 waited in all_gather #\d+ \(tag params:b\)", report), report
+
+
+def _clipped(world_size: int | None = None):
+    """One backward, gradients clipped to norm 0.05: (total norm, full gradients)."""
+    model = make_model()
+    n = world_size or dzl.world_size()
+    x, y = global_batch(0, n, LOCAL_BATCH)
+    if world_size is None:  # a rank: the Zero3 wrapper clips to the norm over every shard
+        model = dzl.Zero3(model)
+        mine = slice(dzl.rank() * LOCAL_BATCH, (dzl.rank() + 1) * LOCAL_BATCH)
+        nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        total = model.clip_grad_norm_(0.05)
+        return torch.tensor(total, dtype=torch.float32), dzl.full_grads(model)
+    nn.functional.mse_loss(model(x), y).backward()
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    return total, {n: None if p.grad is None else p.grad for n, p in model.named_parameters()}
+
+
+def test_clip_grad_norm_uses_the_global_norm(ncluster):
+    want_total, want = _clipped(ncluster.world_size)
+    assert want_total > 0.05  # the clip acts
+    for total, grads in ncluster.run(_clipped):
+        torch.testing.assert_close(total, want_total, rtol=0, atol=ATOL)
+        for name, g in want.items():
+            _assert_close(grads[name], g, name)
