@@ -5,11 +5,15 @@ from .ddp import DDP
 from .param_server import ParameterServerOptimizer, message_bytes
 from .precision import GradScaler, MixedPrecisionPolicy
 from .zero import ZeroOptimizer, ZeroShardedOptimizer
+from .zero3 import Zero3, full_grads, fully_shard
 
 __all__ = [
     "ZeroOptimizer",
     "ZeroShardedOptimizer",
     "full_state_dict",
+    "full_grads",
+    "fully_shard",
+    "Zero3",
     "DDP",
     "GradScaler",
     "MixedPrecisionPolicy",

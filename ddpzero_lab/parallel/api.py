@@ -131,7 +131,7 @@ def parallelize(
             raise TypeError(
                 f"strategy 'zero3' takes units=, prefetch= and group=, got {sorted(options)}"
             )
-        engine = Zero3(module, precision=policy, **options)
+        engine = Zero3(module, precision=policy, shard_parameters=False, **options)
         module._ddpzero_zero3 = engine  # checkpoints and lessons find the engine here
         model, opt = module, Zero3Optimizer(engine, optimizer)
     else:
@@ -165,11 +165,11 @@ def full_state_dict(model: nn.Module) -> dict:
     rank (call it on every rank: strategies that shard parameters at rest gather them). With
     mixed precision (bf16 or fp16) the parameters are the fp32 master weights. For DDP and ZeRO
     stages 1-2 in fp32 every rank already holds the full parameters."""
+    gather = getattr(model, "full_state_dict", None)
+    if callable(gather):  # a wrapper that knows its strategy (e.g. dzl.Zero3)
+        return gather()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    gather = getattr(model, "full_state_dict", None)
-    if callable(gather):
-        return gather()
     module = getattr(model, "module", model)
     full_values = getattr(module, "_ddpzero_full_values", None)
     values = full_values() if full_values is not None else {}

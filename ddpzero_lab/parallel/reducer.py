@@ -95,7 +95,7 @@ class Reducer:
         find_unused_parameters: bool = True,
         compression: str | None = None,
         reduce_dtype: torch.dtype | None = None,
-        tag: str = "bucket",
+        tag: str | Callable[[int], str] = "bucket",  # or bucket index -> its tag
         on_finished: Callable[[float], None] | None = None,
     ) -> None:
         if reduce not in REDUCE_OPS:
@@ -241,7 +241,7 @@ class Reducer:
         buffer = storage.grad_buffer()
         buffer.div_(self.world_size)  # pre-divide, as torch does: the sum is the mean
         bucket.launched_at = time.time()
-        tag = f"{self.tag}{bucket.index}"
+        tag = self.tag(bucket.index) if callable(self.tag) else f"{self.tag}{bucket.index}"
         # the dtype on the wire: DDP's compression, or the policy's reduce_dtype
         wire = _LOW[self.compression] or self.reduce_dtype
         if wire is not None and wire != buffer.dtype:
@@ -322,6 +322,8 @@ class Reducer:
     def _all_reduce_unused_mask(self) -> None:
         """After the last bucket, as torch's reducer: which parameters no rank used."""
         params = [p for b in self.buckets for _, p in b.storage.params]
+        if not params:
+            return  # a ZeRO-3 module with frozen parameters only
         used = torch.tensor(
             [int(id(p) in self._used_here) for p in params],
             dtype=torch.int32,

@@ -30,6 +30,11 @@ def claim(strategy: str, *modules: nn.Module) -> None:
         _WRAPPED[module] = strategy
 
 
+def unclaim(module: nn.Module) -> None:
+    """Forget that a strategy wraps `module` (its wrapping was undone)."""
+    _WRAPPED.pop(module, None)
+
+
 class WrappedOptimizer(torch.optim.Optimizer):
     """Subclasses set `self.params` (the module's parameters whose .grad the loop fills) and
     call `_adopt(optimizer_params, inner)`; `_shards()` lists tensors whose .grad the wrapper

@@ -29,6 +29,7 @@ different parameters unused never pair different collectives.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -40,10 +41,11 @@ from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map
 from .precision import MixedPrecisionPolicy, as_policy, register_casts
 from .reducer import Reducer, tensors_in
-from .wrapper import WrappedOptimizer, claim
+from .wrapper import WrappedOptimizer, claim, unclaim
 from .zero import (
     ShardedOptimizerState,
     check_process_group,
+    clip_grads_,
     clip_scaled_,
     emit_step,
     gather_values,
@@ -99,6 +101,10 @@ class _Flat:
         self.full = torch.empty(self.layout.padded_numel, dtype=dtype, device=self.device)
         self._nbytes = self.full.untyped_storage().nbytes()
         self.reduced = None  # the reducer's bucket of a trainable flat (its grad_shard)
+        # FSDP2-style (shard_parameters=True): where each parameter is registered
+        # [(module, attribute, index in params)] and the shard parameter shown there at rest
+        self.slots: list[tuple[nn.Module, str, int]] = []
+        self.exposed: list[nn.Parameter] = []
         self.free()
 
     @property
@@ -112,6 +118,8 @@ class _Flat:
         return None if self.reduced is None else self.reduced.grad_shard
 
     def begin_gather(self, group, async_op: bool):
+        if self.exposed and self.local is not self.master:
+            self.local.copy_(self.master)  # an outside optimizer stepped the fp32 shard
         self.full.untyped_storage().resize_(self._nbytes)  # the same storage, memory again
         return comm.all_gather(
             self.full,
@@ -124,11 +132,15 @@ class _Flat:
     def bind(self) -> None:
         for (_, p), view in zip(self.params, self.layout.views(self.full), strict=True):
             p.data = view
+        for module, attribute, index in self.slots:  # the full parameter, while in use
+            module._parameters[attribute] = self.params[index][1]
 
     def free(self) -> None:
         for _, p in self.params:
             p.data = torch.empty(0, dtype=self.dtype, device=self.device)
         self.full.untyped_storage().resize_(0)
+        for module, attribute, index in self.slots:  # this rank's shard, at rest
+            module._parameters[attribute] = self.exposed[index]
 
 
 class _Unit:
@@ -145,8 +157,38 @@ class _Unit:
         self.fired = 0  # post-backward hooks run so far
 
 
+# FSDP2-style sharding: modules chosen as units by fully_shard (or Zero3), and the engine of
+# each module it was last called on (a later call on an ancestor takes its units over)
+_CHOSEN: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, Zero3] = weakref.WeakKeyDictionary()
+# the module's own parameters, 0-element at rest: {id: (weak reference, how it is sharded)}
+_PLACEHOLDERS: dict[int, tuple[weakref.ref, str]] = {}
+
+
 class Zero3:
-    """The engine behind strategy "zero3": hooks on the module, shards, collectives."""
+    """ZeRO-3 on a module, FSDP2-like (`dzl.Zero3(model)`, or `dzl.fully_shard` unit by unit).
+
+    `Zero3(model)` cuts the model into units (`units=`, a callable (name, module) -> bool;
+    default: each child of the root holding parameters, plus every submodule passed to
+    `dzl.fully_shard` before) and shards them across the ranks of `group`. Afterwards, as
+    with FSDP2's `fully_shard`, `model.parameters()` are this rank's shards: one
+    nn.Parameter per original parameter holding this rank's contiguous piece of it (1-D,
+    possibly 0 elements where another rank owns all of it); after backward `.grad` holds
+    the reduced (averaged) piece of the gradient, so any torch optimizer built afterwards
+    over `model.parameters()` (param groups too) trains as one process on the global batch.
+    While a unit runs, its module attributes are the full parameters again.
+
+    `dzl.full_grads(model)` gathers the full gradients, `dzl.full_state_dict(model)` the full
+    parameters (both collective). Clip with `engine.clip_grad_norm_(max_norm)` (the global
+    norm over every rank's shards), not torch.nn.utils.clip_grad_norm_ (this rank's only).
+
+    Every rank must run the forward of every unit in every step, as with FSDP: a unit that
+    one rank skips entirely leaves the others waiting in its all-gather or reduce-scatter
+    until the collective timeout (tagged with the unit's name, e.g. "params:block.1").
+
+    `shard_parameters=False` is `parallelize(..., "zero3")`'s mode: the module's parameters
+    stay 0-element placeholders and the returned optimizer steps the shards.
+    """
 
     def __init__(
         self,
@@ -155,11 +197,23 @@ class Zero3:
         prefetch: bool = False,
         precision: str | MixedPrecisionPolicy | None = "fp32",
         group=None,
+        shard_parameters: bool = True,
     ) -> None:
         check_process_group("ZeRO-3")
-        claim("zero3", module)
         if units is not None and not callable(units):
             raise TypeError("units must be a callable (name, module) -> bool")
+        self.shard_parameters = bool(shard_parameters)
+        if self.shard_parameters:
+            units = self._take_over_units(module, units)
+        for name, p in module.named_parameters():
+            entry = _PLACEHOLDERS.get(id(p))
+            if entry is not None and entry[0]() is p:
+                raise ValueError(
+                    f"parameter {name} is already sharded by ZeRO-3 through another module (a "
+                    "weight tied between modules?): shard a module that contains every module "
+                    "using it (their common parent, e.g. the root) instead"
+                )
+        claim("zero3", module)
         # the mixed-precision policy: each flat holds one dtype (a unit's fp32 norms and its
         # low-precision weights are two flats)
         self.policy = as_policy(precision)
@@ -173,6 +227,7 @@ class Zero3:
         check_same_model(module, group)
         broadcast_state([*module.parameters(), *module.buffers()], group)
         params = list(module.parameters())
+        self._original_dtypes = {id(p): p.dtype for p in params}
         if any(not p.is_floating_point() for p in params):
             raise ValueError("ZeRO-3 here shards floating-point parameters only")
         if len({p.device for p in params}) > 1:
@@ -199,7 +254,7 @@ class Zero3:
             launch="on_request",
             grads="release",
             reduce_dtype=None if self.policy is None else self.policy.reduce_dtype,
-            tag="grads:",
+            tag=lambda index: f"grads:{trainable[index].unit}",  # a hang names the unit
             on_finished=self._end_of_backward,
         )
         for flat, bucket in zip(trainable, self.reducer.buckets, strict=True):
@@ -216,6 +271,140 @@ class Zero3:
             self._handles.extend(register_casts(module, self.policy))
         self._explain_empty_parameters(module)
         self._emit_shard_map()
+        mode = "fully_shard" if self.shard_parameters else "parallelize"
+        for p in params:
+            _PLACEHOLDERS[id(p)] = (weakref.ref(p), mode)
+        _watch_optimizers()
+        if self.shard_parameters:
+            self._expose_shards()
+            module._ddpzero_zero3 = self  # checkpoints and full_state_dict find it here
+            module._ddpzero_full_values = self.full_values
+            _ENGINES[module] = self
+            _CHOSEN.add(module)
+
+    # -- FSDP2-style: the module's parameters are this rank's shards -----------------------
+    @staticmethod
+    def _take_over_units(module: nn.Module, units: UnitPolicy | None) -> UnitPolicy:
+        """Units: those of `units` (None: fully_shard's and the default), and every
+        submodule fully_shard was called on, whose own sharding is undone first."""
+        chosen = {n for n, m in module.named_modules() if m is not module and m in _CHOSEN}
+        for sub in module.modules():
+            engine = _ENGINES.pop(sub, None) if sub is not module else None
+            if engine is not None:
+                engine._undo()
+        base = units
+        if base is None:
+            default = default_units(module)
+            base = lambda name, mod: name in default  # noqa: E731
+        return lambda name, mod: name in chosen or bool(base(name, mod))
+
+    def _expose_shards(self) -> None:
+        where: dict[int, list[tuple[nn.Module, str]]] = {}
+        for mod in self.module.modules():
+            for attribute, p in mod._parameters.items():
+                if p is not None:
+                    where.setdefault(id(p), []).append((mod, attribute))
+        for flat in self.flats(trainable=False):
+            if flat.trainable:
+                flat.exposed = list(flat.leaves)
+            else:
+                flat.exposed = [
+                    nn.Parameter(view, requires_grad=False)
+                    for view in flat.storage.shard_views(flat.master)
+                ]
+            flat.slots = [
+                (mod, attribute, index)
+                for index, (_, p) in enumerate(flat.params)
+                for mod, attribute in where[id(p)]
+            ]
+            flat.free()
+
+    def _undo(self) -> None:
+        """Give the module its full parameters back and remove every hook (collective): a
+        later fully_shard on an ancestor makes this module one of its units."""
+        values = self.full_values()
+        for handle in self._handles:
+            handle.remove()
+        self.reducer.remove()
+        self.module.__dict__.pop("forward", None)
+        for flat in self.flats(trainable=False):
+            for mod, attribute, index in flat.slots:
+                mod._parameters[attribute] = flat.params[index][1]
+            flat.slots, flat.exposed = [], []
+            for _, p in flat.params:
+                p.data = values[id(p)].to(self._original_dtypes[id(p)])
+                _PLACEHOLDERS.pop(id(p), None)
+        for attribute in ("_ddpzero_zero3", "_ddpzero_full_values"):
+            self.module.__dict__.pop(attribute, None)
+        unclaim(self.module)
+
+    def _deliver_grads(self) -> None:
+        """After backward: each shard parameter's .grad gets (or accumulates) its piece of
+        the reduced slice; one that no rank used keeps its .grad, as in one process."""
+        for flat in self.flats():
+            if flat.grad_shard is None:
+                continue
+            pieces = flat.storage.shard_views(flat.grad_shard)
+            for (_, p), leaf, piece in zip(flat.params, flat.leaves, pieces, strict=True):
+                if id(p) in self.reducer.unused:
+                    continue
+                if leaf.grad is None:
+                    leaf.grad = piece.to(leaf.dtype)
+                else:
+                    leaf.grad.add_(piece)
+        self.reducer.zero_grad()  # the next backward starts from zero: .grad accumulates
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True):
+        return self.module.parameters(recurse)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.module.named_parameters(*args, **kwargs)
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        """{name: full gradient} as one process would hold it, None for a parameter without
+        one, keyed as module.named_parameters() (collective: call it on every rank)."""
+        out: dict[str, torch.Tensor | None] = {}
+        unused = self.reducer.unused
+        for flat in self.flats(trainable=False):
+            if not flat.trainable:
+                out.update((name, None) for name, _ in flat.params)
+                continue
+            if self.shard_parameters:
+                grads = [leaf.grad for leaf in flat.leaves]
+            elif flat.grad_shard is None:
+                grads = [None] * len(flat.params)
+            else:
+                views = flat.storage.shard_views(flat.grad_shard)
+                grads = [
+                    None if id(p) in unused else v
+                    for (_, p), v in zip(flat.params, views, strict=True)
+                ]
+            shard = torch.zeros(flat.storage.shard_numel, device=flat.device)
+            for view, grad in zip(flat.storage.shard_views(shard), grads, strict=True):
+                if grad is not None:
+                    view.copy_(grad)
+            full = flat.storage.all_gather(shard, group=self.group, tag="full_grads")
+            for (name, _), view, grad in zip(
+                flat.params, flat.storage.views(full), grads, strict=True
+            ):
+                out[name] = None if grad is None else view.clone()
+        return {name: out[name] for name, _ in self.module.named_parameters() if name in out}
+
+    def full_state_dict(self) -> dict:
+        from .api import full_state_dict
+
+        return full_state_dict(self.module)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the shard parameters' gradients to the global norm (every rank's shards)."""
+        return clip_grads_(
+            [leaf.grad for f in self.flats() for leaf in f.leaves if leaf.grad is not None],
+            max_norm,
+            self.group,
+        )
 
     # -- set-up ----------------------------------------------------------------------------
     def _make_units(self, policy: UnitPolicy) -> list[_Unit]:
@@ -269,7 +458,7 @@ class Zero3:
                             )
                         )
             units.append(_Unit(len(units), unit_name, module, flats))
-        if not any(u.trainable for u in units):
+        if not any(u.trainable for u in units) and not self.shard_parameters:
             raise ValueError("the module has no trainable parameters (requires_grad=True)")
         return units
 
@@ -416,6 +605,8 @@ class Zero3:
         """After the reducer has launched the rest (units whose inputs need no gradient, such
         as the first one's) and waited for every reduce-scatter."""
         self._backward_end = backward_end
+        if self.shard_parameters:
+            self._deliver_grads()
         for unit in self.units:
             if unit.gathered or unit.gather_works:
                 self._free(unit)
@@ -427,10 +618,92 @@ class Zero3:
         return [f for u in self.units for f in u.flats if f.trainable or not trainable]
 
     def full_values(self) -> dict[int, torch.Tensor]:
-        """{id(parameter): its full fp32 value}, gathered from the shards (collective)."""
-        return gather_values(
+        """{id(parameter): its full fp32 value}, gathered from the shards (collective); the
+        shard parameters shown at rest (shard_parameters=True) map to it too."""
+        values = gather_values(
             [(f.storage, f.master) for u in self.units for f in u.flats], self.group
         )
+        for flat in self.flats(trainable=False):
+            for (_, p), shown in zip(flat.params, flat.exposed, strict=False):
+                values[id(shown)] = values[id(p)]
+        return values
+
+
+def fully_shard(
+    module: nn.Module, *, prefetch: bool = False, precision: str = "fp32", group=None
+) -> nn.Module:
+    """Shard `module` with ZeRO-3, FSDP2's way: call it on each submodule you want as a unit
+    (innermost first), then on the root; returns `module`. A call on a module containing
+    earlier ones makes those its units (undoing their own sharding), so after the root's
+    call `model.parameters()` are this rank's shards (see `Zero3`): build the optimizer
+    then. Every rank must make the same calls, and run every unit in every step."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fully_shard takes a torch.nn.Module, got {type(module).__name__}")
+    Zero3(
+        module,
+        units=lambda name, mod: False,  # only the submodules fully_shard was called on
+        prefetch=prefetch,
+        precision=precision,
+        group=group,
+    )
+    return module
+
+
+def full_grads(model) -> dict[str, torch.Tensor | None]:
+    """Full gradients per parameter name, as one process on the global batch would hold
+    them after backward (None where it would have none). Collective for ZeRO-3 (a model
+    from fully_shard, Zero3 or parallelize(..., "zero3")); for replicated strategies
+    (local, ddp) copies of .grad."""
+    if isinstance(model, Zero3):
+        return model.full_grads()
+    module = getattr(model, "module", model)
+    engine = getattr(module, "_ddpzero_zero3", None)
+    if engine is not None:
+        return engine.full_grads()
+    return {
+        name: None if p.grad is None else p.grad.detach().clone()
+        for name, p in module.named_parameters()
+    }
+
+
+_WATCHING = False
+
+
+def _watch_optimizers() -> None:
+    """Refuse, at its first step, an optimizer holding the 0-element placeholders that a
+    ZeRO-3 module's parameters are at rest: it would step nothing, silently."""
+    global _WATCHING
+    if not _WATCHING:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        register_optimizer_step_pre_hook(_refuse_placeholders)
+        _WATCHING = True
+
+
+def _refuse_placeholders(optimizer, args, kwargs) -> None:
+    if not _PLACEHOLDERS:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            entry = _PLACEHOLDERS.get(id(p))
+            if entry is None or entry[0]() is not p:
+                continue
+            if entry[1] == "parallelize":
+                raise RuntimeError(
+                    "this optimizer holds the parameters of a module sharded by "
+                    "parallelize(..., 'zero3'): at rest they are 0-element placeholders that "
+                    "never get a gradient, so it would step nothing. Train with the optimizer "
+                    "parallelize returned (parallelize(module, 'zero3', optimizer=lambda "
+                    "params: torch.optim.AdamW(params, ...))), or shard FSDP2's way: "
+                    "dzl.fully_shard(model) (or dzl.Zero3(model)), then build the optimizer "
+                    "over model.parameters() (this rank's shards)"
+                )
+            raise RuntimeError(
+                "this optimizer was built over the module's parameters before "
+                "dzl.fully_shard / dzl.Zero3 sharded it: those are now 0-element placeholders "
+                "that never get a gradient, so it would step nothing. Build the optimizer "
+                "after the last fully_shard call (on the root), over model.parameters()"
+            )
 
 
 class _PostBackward(torch.autograd.Function):
