@@ -1,24 +1,27 @@
-"""ZeRO stages 1 and 2 against torch's own: step time and model-state memory, side by side.
+"""ZeRO stages 1, 2 and 3 against torch's own: step time (with its spread) and model state per rank.
 
-Two pairs, each on the same cluster, in the same run:
+Three pairs, each measured side by side on the same cluster, in the same run:
 
   * stage 1: dzl.parallelize(module, "zero1") against torch's DistributedDataParallel with
     torch.distributed.optim.ZeroRedundancyOptimizer (the usual way to use it);
   * stage 2: dzl.parallelize(module, "zero2") against FSDP2, fully_shard(...,
     reshard_after_forward=False) on a one-dimensional CPU DeviceMesh, applied to each Linear
     and then to the root (the usual way; `--fsdp2-wrap root` for the root alone): parameters
-    are gathered once for forward and kept through backward, gradients are reduce-scattered,
-    as in ZeRO-2;
+    are gathered once for forward and kept through backward, gradients are reduce-scattered.
+    Not the same memory: FSDP2 keeps the parameters sharded at rest (4Ψ/N), zero2 keeps them
+    whole (4Ψ) and shards only gradients and optimizer state, as the ZeRO paper's stage 2;
   * stage 3: dzl.parallelize(module, "zero3") (its default units: each Linear) against FSDP2
     with reshard_after_forward=True, wrapped the same way: parameters are gathered for a
     layer's forward, freed, gathered again for its backward, as in ZeRO-3.
 
 Same model (an MLP of about 4.2 M parameters, 17 MB of float32), same data, AdamW, gloo, world
-sizes 2 and 4. Steps (forward, backward, step, zero_grad) alternate between the six
-implementations, with a barrier before each, so that all see the same machine state; the figure
-is the median of `--steps` steps after a warm-up, on the slowest rank, and the ratio ours /
-theirs (1.00 = as fast). The memory tracker that parallelize attaches inside a cluster is left
-off: the strategy is timed, not its instrumentation.
+sizes 2 and 4. Steps (forward, backward, step, zero_grad) are interleaved between the six
+implementations, with a barrier before each and ours/theirs swapping places every step, so that
+machine noise hits both sides of a pair alike. A repeat is a fresh cluster (new processes, new
+models): its figure per implementation is the median of `--steps` steps after a warm-up, on the
+slowest rank, and its ratio ours / theirs (1.00 = as fast). Each ratio is reported as
+min / median / max over `--repeats` repeats. The memory tracker that parallelize attaches inside
+a cluster is left off: the strategy is timed, not its instrumentation.
 
 Model-state memory is counted after one more step, before zero_grad: parameters, gradients and
 optimizer state this rank holds, each storage once and in full. Ours through
@@ -32,7 +35,8 @@ A step of ZeRO is a reduce-scatter and an all-gather where DDP does one all-redu
 collectives on a buffer of the model's size are timed alone too (interleaved, medians, slowest
 rank): they bound what the ratios can be.
 
-    python benchmarks/zero.py [--steps 20] [--warmup 3] [--world-sizes 2 4] [--fsdp2-wrap root]
+    python benchmarks/zero.py [--steps 20] [--repeats 3] [--world-sizes 2 4] [--quick]
+                              [--fsdp2-wrap root]
 """
 
 from __future__ import annotations
@@ -196,7 +200,7 @@ def _step(impl: _Impl, x: torch.Tensor, y: torch.Tensor, zero_grad: bool = True)
         impl.optimizer.zero_grad()
 
 
-def _bench(steps: int, warmup: int, batch: int, fsdp2_per_layer: bool) -> dict:
+def _bench(steps: int, warmup: int, batch: int, fsdp2_per_layer: bool, flip: bool) -> dict:
     x = torch.randn(batch, 1024)
     y = torch.randint(0, 10, (batch,))
     builders = {
@@ -223,7 +227,13 @@ def _bench(steps: int, warmup: int, batch: int, fsdp2_per_layer: bool) -> dict:
             skipped[name] = error or "failed on another rank"
     times: dict[str, list[float]] = {k: [] for k in impls}
     for step in range(warmup + steps):
-        for name, impl in impls.items():
+        # each pair side by side, and who goes first alternates: neither always follows the other
+        swap = (step % 2 == 1) != flip
+        order = [name for pair in PAIRS for name in (pair[::-1] if swap else pair)]
+        for name in order:
+            if name not in impls:
+                continue
+            impl = impls[name]
             dist.barrier()
             start = time.perf_counter()
             _step(impl, x, y)
@@ -276,23 +286,31 @@ def _collectives(numel: int, repeats: int) -> dict[str, float]:
 
 # --- the report -------------------------------------------------------------------------------
 
+TARGETS = {"zero1": 1.10, "zero2": 1.0, "zero3": 1.0}  # ours / theirs, median over repeats
+NOTES = {"zero2": "FSDP2 shards parameters (4Ψ/N), zero2 does not (4Ψ)"}
 
-def _model_state_mb(memory: dict[str, int]) -> float:
-    return (memory["params"] + memory["grads"] + memory["optimizer"]) / MB
+
+def _model_state(memory: dict[str, int]) -> int:
+    return memory["params"] + memory["grads"] + memory["optimizer"]
 
 
 def _largest(per_rank: list[dict], name: str) -> dict[str, int] | None:
     """The rank holding the most model state for `name` (shards differ by padding)."""
     found = [r["memory"][name] for r in per_rank if name in r["memory"]]
-    return max(found, key=_model_state_mb) if found else None
+    return max(found, key=_model_state) if found else None
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh clusters per world size")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20, help="calls per collective")
+    parser.add_argument("--collective-calls", type=int, default=10, help="calls per collective")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument(
         "--fsdp2-wrap",
@@ -300,73 +318,124 @@ def main() -> None:
         default="layers",
         help="fully_shard each Linear and then the root (default), or the root alone",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test: 3 steps, 1 warm-up, 3 repeats"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.repeats, args.collective_calls = 3, 1, 3, 3
     started = time.perf_counter()
-    rows = []
+    rows = []  # (world size, [per-rank results of each repeat], [collective times of each])
     for world_size in args.world_sizes:
-        with dzl.LiveCluster(world_size, timeout=120.0) as cluster:
-            per_rank = cluster.run(
-                _bench, args.steps, args.warmup, args.batch, args.fsdp2_wrap == "layers"
-            )
-            numel = per_rank[0]["params"]
-            comm = cluster.run(_collectives, numel, args.repeats)[0]
-        rows.append((world_size, per_rank, comm))
+        repeats, comms = [], []
+        for repeat in range(args.repeats):
+            with dzl.LiveCluster(world_size, timeout=120.0) as cluster:
+                per_rank = cluster.run(
+                    _bench,
+                    args.steps,
+                    args.warmup,
+                    args.batch,
+                    args.fsdp2_wrap == "layers",
+                    repeat % 2 == 1,
+                )
+                numel = per_rank[0]["params"]
+                comms.append(cluster.run(_collectives, numel, args.collective_calls)[0])
+            repeats.append(per_rank)
+        rows.append((world_size, repeats, comms))
 
-    params = rows[0][1][0]["params"]
+    params = rows[0][1][0][0]["params"]
     print(
         f"# {platform.node()} · {os.cpu_count()} CPUs · torch {torch.__version__} · gloo · "
-        f"{params / 1e6:.1f} M parameters ({params * 4 / MB:.1f} MB fp32) · AdamW · "
-        f"median of {args.steps} steps, slowest rank · FSDP2 wrap: {args.fsdp2_wrap}"
+        f"{params / 1e6:.1f} M parameters = Ψ ({params * 4 / MB:.1f} MB fp32) · AdamW · "
+        f"FSDP2 wrap: {args.fsdp2_wrap} · {args.repeats} repeats (fresh processes each), each "
+        f"the median of {args.steps} interleaved steps on the slowest rank"
     )
+    print("# times: median over repeats; ratio ours/theirs: min / median / max over repeats")
     print(
-        f"{'N':>3}  {'ours vs theirs':<46} {'ours':>9} {'theirs':>9} {'ours/theirs':>12} "
-        f"{'state MB/rank ours':>19} {'theirs':>7}"
+        f"{'N':>3}  {'ours vs theirs':<46} {'ours':>9} {'theirs':>9} "
+        f"{'ours/theirs min / med / max':>28} {'target':>7}  {'state MB/rank ours':>18} "
+        f"{'theirs':>7}  note"
     )
-    for n, per_rank, _ in rows:
-        seconds, skipped = per_rank[0]["seconds"], per_rank[0]["skipped"]
+    verdicts = []
+    for n, repeats, _ in rows:
+        skipped = repeats[0][0]["skipped"]
         for ours, theirs in PAIRS:
             pair = f"{LABELS[ours]} vs {LABELS[theirs]}"
-            missing = [k for k in (ours, theirs) if k in skipped]
+            missing = [k for k in (ours, theirs) if any(k in r[0]["skipped"] for r in repeats)]
             if missing:
-                why = "; ".join(f"{LABELS[k]}: {skipped[k]}" for k in missing)
+                why = "; ".join(f"{LABELS[k]}: {skipped.get(k, 'in a repeat')}" for k in missing)
                 print(f"{n:>3}  {pair:<46} skipped ({why})")
+                verdicts.append(f"N={n} {ours}: skipped")
                 continue
-            mem_ours, mem_theirs = _largest(per_rank, ours), _largest(per_rank, theirs)
+            t_ours = statistics.median(r[0]["seconds"][ours] for r in repeats)
+            t_theirs = statistics.median(r[0]["seconds"][theirs] for r in repeats)
+            ratios = [r[0]["seconds"][ours] / r[0]["seconds"][theirs] for r in repeats]
+            mem_ours, mem_theirs = _largest(repeats[0], ours), _largest(repeats[0], theirs)
+            target = TARGETS[ours]
             print(
-                f"{n:>3}  {pair:<46} {seconds[ours] * 1e3:>7.1f}ms "
-                f"{seconds[theirs] * 1e3:>7.1f}ms {seconds[ours] / seconds[theirs]:>11.2f}x "
-                f"{_model_state_mb(mem_ours):>19.1f} {_model_state_mb(mem_theirs):>7.1f}"
+                f"{n:>3}  {pair:<46} {t_ours * 1e3:>7.1f}ms {t_theirs * 1e3:>7.1f}ms "
+                f"{_spread(ratios):>28} {'<=' + format(target, '.2f'):>7}  "
+                f"{_model_state(mem_ours) / MB:>18.1f} {_model_state(mem_theirs) / MB:>7.1f}  "
+                f"{NOTES.get(ours, '')}".rstrip()
+            )
+            median = statistics.median(ratios)
+            holds = median <= target
+            verdicts.append(
+                f"N={n} {ours} / {LABELS[theirs]}: median {median:.3f} "
+                f"{'<=' if holds else '>'} {target:.2f} ({'holds' if holds else 'MISSED'}); "
+                f"per repeat {' '.join(f'{r:.3f}' for r in ratios)}"
             )
 
-    print("\n# model state per rank (largest rank), MB: params + grads + optimizer")
-    for n, per_rank, _ in rows:
+    print(
+        "\n# model state per rank (largest rank, first repeat), bytes, after a step before "
+        "zero_grad; in brackets bytes per parameter of the model (Ψ)"
+    )
+    print(
+        f"{'N':>3}  {'implementation':<30} {'params':>20} {'grads':>20} {'optimizer':>20} "
+        f"{'total MB':>9}"
+    )
+    for n, repeats, _ in rows:
+        per_rank = repeats[0]
         for name in LABELS:
             memory = _largest(per_rank, name)
             if memory is None:
                 continue
+            cells = [
+                f"{memory[k]:>11,} ({memory[k] / params:>4.2f}Ψ)"
+                for k in ("params", "grads", "optimizer")
+            ]
             extra = ""
             if "unsharded_params" in memory:
-                extra = f"   (+ {memory['unsharded_params'] / MB:.1f} unsharded from forward"
-                extra += " to end of backward)"
+                extra = f"   + {memory['unsharded_params']:,} unsharded from forward"
+                extra += " to end of backward"
             print(
-                f"{n:>3}  {LABELS[name]:<30} {memory['params'] / MB:>6.1f} + "
-                f"{memory['grads'] / MB:>5.1f} + {memory['optimizer'] / MB:>5.1f} = "
-                f"{_model_state_mb(memory):>6.1f}{extra}"
+                f"{n:>3}  {LABELS[name]:<30} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} "
+                f"{_model_state(memory) / MB:>9.1f}{extra}"
             )
-        rss = max(r["rss"] for r in per_rank) / MB
+        rss = max(r["rss"] for per_rank in repeats for r in per_rank) / MB
         print(f"{n:>3}  process RSS (all six in one process, largest rank): {rss:.0f} MB")
 
-    print(f"\n# gloo alone on {params * 4 / MB:.1f} MB, median of {args.repeats}, slowest rank")
+    print(
+        f"\n# gloo alone on {params * 4 / MB:.1f} MB, median of {args.collective_calls} calls "
+        "(slowest rank), median over repeats"
+    )
     print(
         f"{'N':>3} {'all_reduce':>11} {'reduce_scatter':>15} {'all_gather':>11} "
         f"{'RS / AR':>8} {'(RS + AG) / AR':>15}"
     )
-    for n, _, comm in rows:
-        ar, rs, ag = comm["all_reduce"], comm["reduce_scatter"], comm["all_gather"]
+    for n, _, comms in rows:
+        ar, rs, ag = (
+            statistics.median(c[k] for c in comms)
+            for k in ("all_reduce", "reduce_scatter", "all_gather")
+        )
         print(
             f"{n:>3} {ar * 1e3:>9.1f}ms {rs * 1e3:>13.1f}ms {ag * 1e3:>9.1f}ms "
             f"{rs / ar:>7.2f}x {(rs + ag) / ar:>14.2f}x"
         )
+
+    print("\n# targets (median over repeats): zero1 <= 1.10, zero2 and zero3 / FSDP2 <= 1.00")
+    for line in verdicts:
+        print(f"  {line}")
     print(f"\n# whole run {time.perf_counter() - started:.0f} s")
 
 
