@@ -33,7 +33,9 @@ measured at the end of forward).
 
 A step of ZeRO is a reduce-scatter and an all-gather where DDP does one all-reduce, so gloo's
 collectives on a buffer of the model's size are timed alone too (interleaved, medians, slowest
-rank): they bound what the ratios can be.
+rank): they bound what the ratios can be. Both torch.distributed's and ddpzero_lab.comm's: on
+gloo, comm runs the reduce-scatter as a pairwise exchange (one all-to-all, then a local sum) and
+the all-gather as one broadcast per rank, the same bytes per rank as gloo's own, in less time.
 
     python benchmarks/zero.py [--steps 20] [--repeats 3] [--world-sizes 2 4] [--quick]
                               [--fsdp2-wrap root]
@@ -54,6 +56,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ddpzero_lab as dzl
+from ddpzero_lab import comm
 from ddpzero_lab.memory import model_state_bytes
 
 MB = 1_000_000
@@ -261,7 +264,8 @@ def _bench(steps: int, warmup: int, batch: int, fsdp2_per_layer: bool, flip: boo
 
 
 def _collectives(numel: int, repeats: int) -> dict[str, float]:
-    """gloo alone on the model's size: all_reduce (DDP), reduce_scatter + all_gather (ZeRO)."""
+    """gloo alone on the model's size: all_reduce (DDP), reduce_scatter + all_gather (ZeRO),
+    torch.distributed's and ddpzero_lab.comm's (which the strategies use)."""
     world_size = dist.get_world_size()
     full = torch.ones((numel + world_size - 1) // world_size * world_size)
     shard = torch.empty(full.numel() // world_size)
@@ -269,6 +273,9 @@ def _collectives(numel: int, repeats: int) -> dict[str, float]:
         "all_reduce": lambda: dist.all_reduce(full),
         "reduce_scatter": lambda: _reduce_scatter(shard, full),
         "all_gather": lambda: _all_gather(full, shard),
+        # ddpzero_lab's: a pairwise exchange (one all-to-all) and one broadcast per rank
+        "dzl_reduce_scatter": lambda: comm.reduce_scatter(shard, full),
+        "dzl_all_gather": lambda: comm.all_gather(full, shard),
     }
     for fn in ops.values():  # warm-up: connections, allocator
         fn()
@@ -421,17 +428,29 @@ def main() -> None:
     )
     print(
         f"{'N':>3} {'all_reduce':>11} {'reduce_scatter':>15} {'all_gather':>11} "
-        f"{'RS / AR':>8} {'(RS + AG) / AR':>15}"
+        f"{'RS / AR':>8} {'(RS + AG) / AR':>15}   dzl: {'reduce_scatter':>15} {'all_gather':>11} "
+        f"{'(RS + AG) / AR':>15}"
     )
     for n, _, comms in rows:
-        ar, rs, ag = (
+        ar, rs, ag, drs, dag = (
             statistics.median(c[k] for c in comms)
-            for k in ("all_reduce", "reduce_scatter", "all_gather")
+            for k in (
+                "all_reduce",
+                "reduce_scatter",
+                "all_gather",
+                "dzl_reduce_scatter",
+                "dzl_all_gather",
+            )
         )
         print(
             f"{n:>3} {ar * 1e3:>9.1f}ms {rs * 1e3:>13.1f}ms {ag * 1e3:>9.1f}ms "
-            f"{rs / ar:>7.2f}x {(rs + ag) / ar:>14.2f}x"
+            f"{rs / ar:>7.2f}x {(rs + ag) / ar:>14.2f}x        {drs * 1e3:>13.1f}ms "
+            f"{dag * 1e3:>9.1f}ms {(drs + dag) / ar:>14.2f}x"
         )
+    print(
+        "  (dzl on gloo: reduce-scatter as one all-to-all then a local sum, all-gather as one "
+        "broadcast per rank; the same bytes per rank as the ring, (N-1)/N·B each)"
+    )
 
     print("\n# targets (median over repeats): zero1 <= 1.10, zero2 and zero3 / FSDP2 <= 1.00")
     for line in verdicts:

@@ -20,6 +20,10 @@ the op is counted, and its seconds run from the call to the end of `wait()`. The
 the *model's* bytes of the op asked for, also when a fallback ran (the event says which), so
 that lesson figures compare with the formulas; `ring.py` measures real bytes of its own rings.
 
+On gloo (CPU), `reduce_scatter` runs as a pairwise exchange (one all-to-all, then each rank
+reduces the N chunks it received) and `all_gather` as one broadcast per rank: the same bytes per
+rank as the ring, and faster than gloo's own ops, which ZeRO's step time depends on.
+
 It does not know about buckets, shards or models: callers pass a tag. `set_fault_hook` lets
 `ddpzero_lab.faults` skip or delay an op on purpose; unset (the default) it costs one test.
 """
@@ -372,8 +376,107 @@ def broadcast(tensor, src, group=None, async_op=False, tag=None):
     )
 
 
-_reduce_scatter_native = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather_native = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_torch_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# How each rank combines the N chunks it received in a pairwise reduce-scatter.
+_CHUNK_REDUCE = {
+    dist.ReduceOp.SUM: torch.sum,
+    dist.ReduceOp.PRODUCT: torch.prod,
+    dist.ReduceOp.MAX: torch.amax,
+    dist.ReduceOp.MIN: torch.amin,
+}
+
+
+class _JoinedWork:
+    """Several async ops seen as one, then local work that needs their results: `wait()`
+    waits for all of them and runs `then` once."""
+
+    def __init__(self, works: list, then: Callable[[], None] | None = None) -> None:
+        self._works = works
+        self._then = then
+
+    def wait(self, timeout=None) -> bool:
+        for work in self._works:
+            if timeout is None:
+                work.wait()
+            else:
+                work.wait(timeout)
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
+        return True
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self._works)
+
+    def get_future(self):
+        return self._works[-1].get_future()  # gloo completes one group's ops in order
+
+
+def _reduce_scatter_native(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """The backend's reduce-scatter; on gloo, a pairwise exchange (`_pairwise_reduce_scatter`)."""
+    if dist.get_backend(group) == "gloo" and op in _CHUNK_REDUCE:
+        return _pairwise_reduce_scatter(output, input, op, group, async_op)
+    return _torch_reduce_scatter(output, input, op=op, group=group, async_op=async_op)
+
+
+def _pairwise_reduce_scatter(output, input, op, group, async_op):
+    """Reduce-scatter as one all-to-all, then a local reduction of the N chunks received.
+
+    Chunk j of every rank's input goes straight to rank j: each rank sends (N-1)/N·B, the same
+    bytes as the ring's N-1 steps, in one exchange. gloo's own reduce-scatter is 1.4x (N=2) to
+    2.2x (N=4) slower than this on a CPU, and slower than its all-reduce, which moves twice the
+    bytes (benchmarks/zero.py, "gloo alone"). The cost: a receive buffer the size of the
+    input, for the duration of the op.
+    """
+    n = dist.get_world_size(group)
+    received = torch.empty_like(input).view(-1)
+    work = dist.all_to_all_single(received, input.reshape(-1), group=group, async_op=async_op)
+
+    def reduce_chunks() -> None:
+        _CHUNK_REDUCE[op](received.view(n, -1), 0, out=output.view(-1))
+
+    if async_op:
+        return _JoinedWork([work], reduce_chunks)
+    reduce_chunks()
+    return None
+
+
+_torch_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather_native(output, input, group=None, async_op=False):
+    """The backend's all-gather; on gloo, one broadcast per rank (`_all_gather_by_broadcasts`)."""
+    if dist.get_backend(group) == "gloo":
+        return _all_gather_by_broadcasts(output, input, group, async_op)
+    return _torch_all_gather(output, input, group=group, async_op=async_op)
+
+
+def _all_gather_by_broadcasts(output, input, group, async_op):
+    """All-gather as N broadcasts issued together, rank r the root of chunk r.
+
+    gloo's broadcast goes from the root to each other rank, so each rank sends its chunk N-1
+    times: (N-1)/N·B, the ring's bytes. gloo's own all-gather takes 1.4x (N=4) to 1.8x (N=2)
+    as long on a CPU (benchmarks/zero.py, "gloo alone").
+    """
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunks = output.view(-1).tensor_split(n)
+    mine = input.reshape(-1)
+    if chunks[rank].data_ptr() != mine.data_ptr():
+        chunks[rank].copy_(mine)
+    works = [
+        dist.broadcast(
+            chunk,
+            r if group is None else dist.get_global_rank(group, r),
+            group=group,
+            async_op=True,
+        )
+        for r, chunk in enumerate(chunks)
+    ]
+    joined = _JoinedWork(works)
+    if async_op:
+        return joined
+    joined.wait()
+    return None
 
 
 def reduce_scatter(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False, tag=None):
@@ -391,7 +494,7 @@ def reduce_scatter(output, input, op=dist.ReduceOp.SUM, group=None, async_op=Fal
 
     def via_float32() -> None:
         wide_out = output.float()
-        _reduce_scatter_native(wide_out, input.float(), op=op, group=group)
+        _torch_reduce_scatter(wide_out, input.float(), op=op, group=group)
         output.copy_(wide_out)
 
     return _launch(
@@ -420,7 +523,7 @@ def all_gather(output, input, group=None, async_op=False, tag=None):
 
     def via_float32() -> None:
         wide_out = output.float()
-        _all_gather_native(wide_out, input.float(), group=group)
+        _torch_all_gather(wide_out, input.float(), group=group)
         output.copy_(wide_out)
 
     return _launch(

@@ -58,6 +58,7 @@ class Bucket:
         self.low: torch.Tensor | None = None  # a compressed copy in flight (DDP)
         self.reduced = False  # its result is taken (this backward)
         self.grad_shard: torch.Tensor | None = None  # ZeRO: the reduced slice, accumulated
+        self.post_divide = False  # divide the received slice by N, not the bucket before
 
     @property
     def pending(self) -> int:
@@ -239,11 +240,19 @@ class Reducer:
     def _launch(self, bucket: Bucket) -> None:
         storage = bucket.storage
         buffer = storage.grad_buffer()
-        buffer.div_(self.world_size)  # pre-divide, as torch does: the sum is the mean
         bucket.launched_at = time.time()
         tag = self.tag(bucket.index) if callable(self.tag) else f"{self.tag}{bucket.index}"
         # the dtype on the wire: DDP's compression, or the policy's reduce_dtype
         wire = _LOW[self.compression] or self.reduce_dtype
+        # The sum divided by N is the mean. Divided before the sum (as torch does) where the
+        # sum could overflow (fp16, bf16) and for the all-reduce; a reduce-scatter in fp32
+        # divides only the slice it receives, 1/N of the work (`_take_result`).
+        bucket.post_divide = self.reduce == "reduce_scatter" and (wire or buffer.dtype) not in (
+            torch.float16,
+            torch.bfloat16,
+        )
+        if not bucket.post_divide:
+            buffer.div_(self.world_size)
         if wire is not None and wire != buffer.dtype:
             bucket.low = buffer.to(wire)  # a copy in flight, copied back (DDP) when done
             buffer = bucket.low
@@ -351,6 +360,8 @@ class Reducer:
             return
         incoming, bucket.incoming = bucket.incoming, None
         bucket.low = None
+        if bucket.post_divide:
+            incoming.div_(self.world_size)
         if self.in_place:
             bucket.grad_shard = incoming  # a view of the bucket: accumulation happens there
         elif bucket.grad_shard is None:
