@@ -141,6 +141,71 @@ def test_reduce_scatter_and_all_gather_match_torch_and_the_model(ncluster, dtype
             assert out["rs_handed"] == out["ag_handed"] == expected  # really handed to torch
 
 
+def _gloo_algorithms_case():
+    """comm's own reduce-scatter (one all-to-all, then a local reduction) and all-gather (one
+    broadcast per rank) on gloo: every op, async handles, buffers that alias, a subgroup."""
+    n, r = dzl.world_size(), dzl.rank()
+    ops = {
+        "sum": dist.ReduceOp.SUM,
+        "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN,
+        "product": dist.ReduceOp.PRODUCT,  # products of integers below 8^4: exact in fp32
+    }
+    out = {}
+    for name, op in ops.items():
+        x = _data(5 * n, torch.float32, salt=len(name))
+        ours, ref = torch.empty(5), torch.empty(5)
+        work = comm.reduce_scatter(ours, x, op=op, async_op=True)
+        work.wait()
+        dist.reduce_scatter_tensor(ref, x.clone(), op=op)
+        out[name] = torch.equal(ours, ref)
+    # the output aliases the input's own chunk (ZeRO-1 reduces into its bucket)
+    x = _data(4 * n, torch.float32, salt=21)
+    ref = torch.empty(4)
+    dist.reduce_scatter_tensor(ref, x.clone())
+    comm.reduce_scatter(x[4 * r : 4 * r + 4], x)
+    out["rs_in_place"] = torch.equal(x[4 * r : 4 * r + 4], ref)
+    # the input is this rank's chunk of the output, gathered asynchronously
+    full = torch.zeros(3 * n)
+    full[3 * r : 3 * r + 3] = _data(3, torch.float32, salt=22)
+    work = comm.all_gather(full, full[3 * r : 3 * r + 3], async_op=True)
+    work.wait()
+    ref = torch.empty(3 * n)
+    dist.all_gather_into_tensor(ref, _data(3, torch.float32, salt=22))
+    out["ag_in_place"] = torch.equal(full, ref)
+    # a subgroup of the first and last rank: roots and chunks by group rank
+    members = sorted({0, n - 1})
+    group = dist.new_group(members)
+    if r in members:
+        k = len(members)
+        x = _data(2 * k, torch.float32, salt=23)
+        ours, ref = torch.empty(2), torch.empty(2)
+        comm.reduce_scatter(ours, x, group=group)
+        dist.reduce_scatter_tensor(ref, x.clone(), group=group)
+        gathered, ref_gathered = torch.empty(2 * k), torch.empty(2 * k)
+        comm.all_gather(gathered, ours, group=group)
+        dist.all_gather_into_tensor(ref_gathered, ref, group=group)
+        out["subgroup"] = torch.equal(ours, ref) and torch.equal(gathered, ref_gathered)
+    else:
+        out["subgroup"] = True
+    dist.destroy_process_group(group)
+    return out
+
+
+def test_gloo_reduce_scatter_and_all_gather_algorithms_match_torch(ncluster):
+    for r, out in enumerate(ncluster.run(_gloo_algorithms_case)):
+        assert all(out.values()), (r, out)
+        assert set(out) == {
+            "sum",
+            "max",
+            "min",
+            "product",
+            "rs_in_place",
+            "ag_in_place",
+            "subgroup",
+        }
+
+
 def _broadcast_send_barrier_case():
     n, r = dzl.world_size(), dzl.rank()
     dzl.reset_traffic()
