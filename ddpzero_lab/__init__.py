@@ -14,10 +14,12 @@ from .parallel import (
     MixedPrecisionPolicy,
     Zero3,
     ZeroOptimizer,
+    clip_grad_norm_,
     full_grads,
     full_state_dict,
     fully_shard,
     parallelize,
+    strategy_of,
 )
 from .telemetry import emit
 from .viz import Dashboard, MemoryCalculator
@@ -40,6 +42,7 @@ __all__ = [
     "RankError",
     "Zero3",
     "ZeroOptimizer",
+    "clip_grad_norm_",
     "device",
     "emit",
     "faults",
@@ -52,6 +55,7 @@ __all__ = [
     "traffic",
     "rank",
     "state",
+    "strategy_of",
     "world_size",
     "zero_memory_estimate",
 ]

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .parallel.flat import FlatLayout
+from .parallel.strategy import strategy_of
 from .parallel.zero import ZeroShardedOptimizer
 
 FORMAT = "ddpzero_lab-checkpoint-1"
@@ -66,7 +67,8 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
     module = getattr(model, "module", model)
     names = {id(p): n for n, p in module.named_parameters()}
     rank, _ = _rank_world()
-    engine = getattr(module, "_ddpzero_zero3", None)
+    record = strategy_of(model)
+    engine = record.engine if record is not None else None
     if engine is not None:  # ZeRO-3: every unit's flats
         return [
             _Group(
@@ -104,7 +106,7 @@ def _groups(model: nn.Module, optimizer) -> list[_Group]:
     masters = {}
     if hasattr(optimizer, "masters"):
         masters = dict(zip(map(id, optimizer.params), optimizer.masters, strict=True))
-    frozen = getattr(module, "_ddpzero_frozen_masters", {})
+    frozen = record.frozen_masters if record is not None else {}
     for p in module.parameters():  # replicated: one group per parameter, written by rank 0
         if id(p) in covered:
             continue
@@ -185,10 +187,17 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    directory: str | Path, model: nn.Module, optimizer=None, step: int | None = None, **extra
+    directory: str | Path,
+    model: nn.Module,
+    optimizer=None,
+    step: int | None = None,
+    scaler=None,
+    **extra,
 ) -> Path:
     """Save model and optimizer state under `directory` (call on every rank alike); returns
-    the checkpoint's directory. `extra`: small JSON values kept in the manifest."""
+    the checkpoint's directory. `scaler`: a dzl.GradScaler (or torch's) whose loss scale and
+    growth schedule are saved too (fp16 resumes with the scale it had). `extra`: small JSON
+    values kept in the manifest."""
     directory = Path(directory)
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -233,6 +242,7 @@ def save_checkpoint(
             "aliases": aliases,
             "optimizer": type(inner).__name__ if inner is not None else None,
             "param_groups": _hyperparameters(inner),
+            "scaler": _scaler_state(scaler),
             "extra": extra,
         }
         tmp = partial / "manifest.json.tmp"
@@ -347,12 +357,18 @@ def _assemble(key: str, items: list, numel: int, shape) -> torch.Tensor:
     return out.view(shape)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> dict:
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scaler=None) -> dict:
     """Restore model and optimizer state from a checkpoint written by save_checkpoint, at any
-    world size and with any strategy (call on every rank alike). `path`: the directory given
-    to save_checkpoint (its latest checkpoint) or one checkpoint's directory. Returns
-    {"step", "world_size", "extra"} of the checkpoint. Nothing changes if it is refused."""
+    world size and with any strategy (call on every rank alike); and the GradScaler's state
+    into `scaler`, if given. `path`: the directory given to save_checkpoint (its latest
+    checkpoint) or one checkpoint's directory. Returns {"step", "world_size", "extra"} of
+    the checkpoint. Nothing changes if it is refused."""
     manifest, full = read_checkpoint(path)
+    if scaler is not None and not manifest.get("scaler"):
+        raise CheckpointError(
+            "load_checkpoint(..., scaler=) but this checkpoint holds no loss-scaler state: "
+            "save with dzl.save_checkpoint(..., scaler=scaler), or load without scaler="
+        )
     module = getattr(model, "module", model)
     mine = {n for n, _ in _logical_params(module)}
     if set(mine) != set(manifest["params"]):
@@ -384,7 +400,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> dict:
         if inner is not None:
             for group, saved in zip(inner.param_groups, manifest["param_groups"], strict=False):
                 group.update(saved)
+    if scaler is not None:
+        scaler.load_state_dict(manifest["scaler"])
     return {"step": manifest["step"], "world_size": manifest["world_size"], **manifest["extra"]}
+
+
+def _scaler_state(scaler) -> dict | None:
+    """A loss scaler's state as JSON numbers (torch's GradScaler keeps a tensor or two)."""
+    if scaler is None:
+        return None
+    state = scaler.state_dict()
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def _load_group(g: _Group, full: dict, inner) -> None:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import telemetry
+from .parallel.strategy import strategy_of
 
 CATEGORIES = ("params", "grads", "optimizer", "buffers", "scratch")
 
@@ -85,10 +86,14 @@ def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]
 
     Counted from the tensors themselves, each storage once and in full; the first category a
     storage is found in wins, in the order params, grads, optimizer, buffers, scratch.
+    Without `optimizer`, the one the model's strategy steps it with (parallelize's).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     module = getattr(model, "module", model)
+    record = strategy_of(model)
+    if optimizer is None and record is not None:
+        optimizer = record.optimizer  # the optimizer parallelize built for this model
     groups: dict[str, list[torch.Tensor]] = {c: [] for c in CATEGORIES}
     groups["params"].extend(module.parameters())
     groups["grads"].extend(p.grad for p in module.parameters() if p.grad is not None)

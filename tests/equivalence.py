@@ -52,9 +52,15 @@ OPTIMIZER_CLASSES = {
 
 
 def train_single_process(
-    optimizer: str, world_size: int, steps: int, local_batch: int, precision: str = "fp32"
+    optimizer: str,
+    world_size: int,
+    steps: int,
+    local_batch: int,
+    precision: str = "fp32",
+    clip: float | None = None,
 ):
-    """The reference: one process, the whole global batch, the same precision scheme."""
+    """The reference: one process, the whole global batch, the same precision scheme;
+    `clip`: gradients clipped to this 2-norm before each step (torch's clip)."""
     model = make_model()
     model, opt = dzl.parallelize(
         model, "local", optimizer=OPTIMIZERS[optimizer], precision=precision, track_memory=False
@@ -63,13 +69,23 @@ def train_single_process(
         x, y = global_batch(step, world_size, local_batch)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
     return dzl.full_state_dict(model)
 
 
-def train_on_rank(strategy: str, optimizer: str, steps: int, local_batch: int, **options):
-    """Runs inside a rank: the ordinary PyTorch loop over parallelize()'s objects."""
+def train_on_rank(
+    strategy: str,
+    optimizer: str,
+    steps: int,
+    local_batch: int,
+    clip: float | None = None,
+    **options,
+):
+    """Runs inside a rank: the ordinary PyTorch loop over parallelize()'s objects; `clip`:
+    gradients clipped with dzl.clip_grad_norm_ before each step."""
     rank, world_size = dzl.rank(), dzl.world_size()
     # A different init on each rank on purpose: the strategy must make them agree.
     model = make_model(seed=rank)
@@ -79,6 +95,8 @@ def train_on_rank(strategy: str, optimizer: str, steps: int, local_batch: int, *
         mine = slice(rank * local_batch, (rank + 1) * local_batch)
         loss = nn.functional.mse_loss(model(x[mine]), y[mine])
         loss.backward()
+        if clip is not None:
+            dzl.clip_grad_norm_(model, clip)
         opt.step()
         opt.zero_grad()
     # keyed as the plain module's state_dict, full tensors (ZeRO-3 gathers its shards)

@@ -322,3 +322,61 @@ def test_reduce_dtype_is_the_dtype_on_the_wire(cluster, strategy):
     fp32 = cluster.run(_gradient_bytes_on_the_wire, strategy, torch.float32)
     for low, full in zip(fp16, fp32, strict=True):
         assert full == 2 * low > 0
+
+
+def _fp16_steps(model, opt, scaler, steps, scales):
+    rank = dzl.rank()
+    for step in steps:
+        x, y = global_batch(step, WORLD, LOCAL_BATCH)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        scaler.scale(F.mse_loss(model(x[mine]), y[mine])).backward()
+        scaler.unscale_(opt)
+        opt.clip_grad_norm_(MAX_NORM)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+
+
+def resume_fp16(strategy: str, path: str, **options):
+    """Two steps, a checkpoint with the scaler, then a new model, optimizer and scaler loaded
+    from it for the remaining steps: (full state, scales, what loading without scaler state
+    says)."""
+
+    def build():
+        model, opt = dzl.parallelize(
+            make_model(seed=dzl.rank()),
+            strategy,
+            optimizer=OPTIMIZERS["sgd"],
+            precision="fp16-mixed",
+            track_memory=False,
+            **options,
+        )
+        return model, opt, dzl.GradScaler(**SCALER)
+
+    scales = []
+    model, opt, scaler = build()
+    _fp16_steps(model, opt, scaler, range(2), scales)
+    dzl.save_checkpoint(f"{path}/with", model, opt, step=2, scaler=scaler)
+    dzl.save_checkpoint(f"{path}/without", model, opt, step=2)
+    model, opt, fresh = build()
+    try:
+        dzl.load_checkpoint(f"{path}/without", model, opt, scaler=fresh)
+        refused = None
+    except dzl.CheckpointError as exc:
+        refused = str(exc)
+    dzl.load_checkpoint(f"{path}/with", model, opt, scaler=fresh)
+    _fp16_steps(model, opt, fresh, range(2, STEPS), scales)
+    return dzl.full_state_dict(model), scales, refused
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_a_checkpoint_keeps_the_loss_scale_and_its_growth_schedule(cluster, strategy, tmp_path):
+    # uninterrupted, the scale grows at the third step: only if the growth tracker survives
+    want, want_scales, _ = cluster.run(train_fp16, strategy, **_options(strategy))[0]
+    for got, scales, refused in cluster.run(
+        resume_fp16, strategy, str(tmp_path), **_options(strategy)
+    ):
+        assert scales == want_scales
+        assert refused is not None and "no loss-scaler state" in refused
+        assert_same_parameters(got, want, atol=1e-6)  # fp32 masters and state, saved whole

@@ -227,7 +227,7 @@ def _language_fully_shard(optimizer: str, accumulate: bool):
         grads = dzl.full_grads(model)
         opt.step()
         opt.zero_grad()
-    units = sorted(u.name for u in model._ddpzero_zero3.units)
+    units = sorted(u.name for u in model.strategy.engine.units)
     return dzl.full_state_dict(model), grads, units
 
 
@@ -356,8 +356,9 @@ def test_a_unit_skipped_on_one_rank_times_out_naming_the_unit(short_cluster):
     assert re.search(r"rank 0 waited in all_gather #\d+ \(tag params:b\)", report), report
 
 
-def _clipped(world_size: int | None = None):
-    """One backward, gradients clipped to norm 0.05: (total norm, full gradients)."""
+def _clipped(world_size: int | None = None, how: str = "engine"):
+    """One backward, gradients clipped to norm 0.05: (total norm, full gradients); `how`:
+    the Zero3 wrapper's own clip_grad_norm_ or dzl.clip_grad_norm_."""
     model = make_model()
     n = world_size or dzl.world_size()
     x, y = global_batch(0, n, LOCAL_BATCH)
@@ -365,17 +366,119 @@ def _clipped(world_size: int | None = None):
         model = dzl.Zero3(model)
         mine = slice(dzl.rank() * LOCAL_BATCH, (dzl.rank() + 1) * LOCAL_BATCH)
         nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
-        total = model.clip_grad_norm_(0.05)
+        if how == "engine":
+            total = model.clip_grad_norm_(0.05)
+        else:
+            total = dzl.clip_grad_norm_(model, 0.05)
         return torch.tensor(total, dtype=torch.float32), dzl.full_grads(model)
     nn.functional.mse_loss(model(x), y).backward()
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
     return total, {n: None if p.grad is None else p.grad for n, p in model.named_parameters()}
 
 
-def test_clip_grad_norm_uses_the_global_norm(ncluster):
+@pytest.mark.parametrize("how", ["engine", "dzl"])
+def test_clip_grad_norm_uses_the_global_norm(ncluster, how):
     want_total, want = _clipped(ncluster.world_size)
     assert want_total > 0.05  # the clip acts
-    for total, grads in ncluster.run(_clipped):
+    for total, grads in ncluster.run(_clipped, None, how):
         torch.testing.assert_close(total, want_total, rtol=0, atol=ATOL)
         for name, g in want.items():
             _assert_close(grads[name], g, name)
+
+
+def _per_unit_policies():
+    """FSDP2's per-module mp_policy: the first layer's own fully_shard call says bf16 (reduced
+    in fp32), the root's says fp32; the reference is one process with the same casts."""
+    from ddpzero_lab import comm
+
+    rank, n = dzl.rank(), dzl.world_size()
+    bf16 = dzl.MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, modules=None
+    )
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    ours = model()
+    dzl.fully_shard(ours[0], mp_policy=bf16)
+    dzl.fully_shard(ours)
+    opt = OPTIMIZERS["sgd"](ours.parameters())
+    # the reference: one process, the first layer alone in bf16 with fp32 masters
+    ref, ref_opt = dzl.parallelize(
+        model(),
+        "local",
+        optimizer=OPTIMIZERS["sgd"],
+        precision=dzl.MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16,
+            modules=lambda m: isinstance(m, nn.Linear) and m.in_features == 6,
+        ),
+        track_memory=False,
+    )
+    seen = {}
+    # what each layer computes with, seen as its forward starts (after the unit's gather)
+    ours[0].register_forward_pre_hook(
+        lambda m, args: seen.update(weight0=m.weight.dtype, input0=args[0].dtype)
+    )
+    ours[2].register_forward_pre_hook(
+        lambda m, args: seen.update(weight2=m.weight.dtype, input2=args[0].dtype)
+    )
+    wire = []  # (op, tag, dtype) of every gather and reduce-scatter
+    real = comm.all_gather, comm.reduce_scatter
+
+    def gather(output, input, **kwargs):
+        wire.append(("all_gather", kwargs.get("tag"), output.dtype))
+        return real[0](output, input, **kwargs)
+
+    def scatter(output, input, **kwargs):
+        wire.append(("reduce_scatter", kwargs.get("tag"), input.dtype))
+        return real[1](output, input, **kwargs)
+
+    comm.all_gather, comm.reduce_scatter = gather, scatter
+    try:
+        for step in range(STEPS):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(4 * n, 6, generator=g), torch.randn(4 * n, 3, generator=g)
+            mine = slice(4 * rank, 4 * rank + 4)
+            nn.functional.mse_loss(ours(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+    finally:
+        comm.all_gather, comm.reduce_scatter = real
+    return seen, sorted(set(wire)), dzl.full_state_dict(ours), dzl.full_state_dict(ref)
+
+
+def test_each_fully_shard_call_keeps_its_own_mixed_precision_policy(ncluster):
+    for seen, wire, ours, ref in ncluster.run(_per_unit_policies):
+        assert seen == {
+            "weight0": torch.bfloat16,
+            "input0": torch.bfloat16,
+            "weight2": torch.float32,
+            "input2": torch.float32,
+        }
+        assert wire == [
+            ("all_gather", "params:(root)", torch.float32),
+            ("all_gather", "params:0", torch.bfloat16),
+            ("reduce_scatter", "grads:(root)", torch.float32),
+            ("reduce_scatter", "grads:0", torch.float32),  # bf16 gradients reduced in fp32
+        ]
+        for name, want in ref.items():
+            torch.testing.assert_close(ours[name], want, atol=1e-2, rtol=1e-2, msg=name)
+
+
+def _whole_model_root_around_a_unit_policy():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    dzl.fully_shard(model[0])  # fp32
+    try:
+        dzl.fully_shard(model, precision="bf16-mixed")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_unit_policy_inside_an_edges_only_root_policy_is_refused(ncluster):
+    for message in ncluster.run(_whole_model_root_around_a_unit_policy):
+        assert message is not None and "per-module policy" in message

@@ -67,6 +67,19 @@ def _tied_run(strategy, steps, optimizer="adamw"):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_dzl_clip_grad_norm_clips_to_the_global_norm_under_every_strategy(ncluster, strategy):
+    # 0.05 is below every step's gradient norm here: each step is clipped
+    want = train_single_process("sgd", ncluster.world_size, STEPS, LOCAL_BATCH, clip=0.05)
+    unclipped = train_single_process("sgd", ncluster.world_size, STEPS, LOCAL_BATCH)
+    assert any(not torch.allclose(want[k], unclipped[k], atol=1e-4) for k in want)
+    options = {"find_unused_parameters": True} if strategy == "ddp" else {}
+    for got in ncluster.run(
+        train_on_rank, strategy, "sgd", STEPS, LOCAL_BATCH, clip=0.05, **options
+    ):
+        assert_same_parameters(got, want)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW alone hides a wrong scale
 def test_tied_weights(ncluster, optimizer):
     # one process, on all ranks' tokens at once (world_size x 4 rows), from rank 0's init

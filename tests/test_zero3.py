@@ -129,6 +129,44 @@ def test_traffic_is_three_psi_and_parameters_exist_only_while_needed(ncluster):
         assert traffic["all_gather"]["sent"] + traffic["reduce_scatter"]["sent"] == 3 * gathered
 
 
+class _RootScaled(nn.Module):
+    """Two child units and a parameter of the root itself (the root is a unit too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * self.scale
+
+
+def _gathers_per_phase(prefetch):
+    torch.manual_seed(0)
+    model, opt = dzl.parallelize(
+        _RootScaled(), "zero3", optimizer=OPTIMIZERS["sgd"], prefetch=prefetch, track_memory=False
+    )
+    x = torch.randn(4, 8)
+    counts = []
+    for _ in range(2):
+        dzl.reset_traffic()
+        y = model(x)
+        forward = dzl.traffic()["all_gather"]["calls"]
+        y.sum().backward()
+        backward = dzl.traffic()["all_gather"]["calls"] - forward
+        opt.step()
+        opt.zero_grad()
+        counts.append((forward, backward))
+    return counts, len(model.strategy.engine.units)
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+def test_each_unit_is_gathered_once_for_forward_and_once_for_backward(ncluster, prefetch):
+    for counts, units in ncluster.run(_gathers_per_phase, prefetch):
+        assert units == 3  # a, b and the root's own parameter
+        assert counts == [(units, units)] * 2
+
+
 def _fsdp2_vs_zero3(steps, optimizer="adamw"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -183,7 +221,7 @@ def _prefetch_in_flight(prefetch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model, opt = dzl.parallelize(model, "zero3", optimizer=OPTIMIZERS["sgd"], prefetch=prefetch)
-    engine = model._ddpzero_zero3
+    engine = model.strategy.engine
     unit_of = {u.module: u for u in engine.units}
     early = []  # after layer 0's forward: is layer 2's gather already started or done?
     model[0].register_forward_hook(
@@ -230,7 +268,7 @@ class Peeks(Blocks):
 def _units_of_containers():
     torch.manual_seed(0)
     model, opt = dzl.parallelize(Blocks(), "zero3", optimizer=OPTIMIZERS["sgd"])
-    names = sorted(u.name for u in model._ddpzero_zero3.units)
+    names = sorted(u.name for u in model.strategy.engine.units)
     nn.functional.mse_loss(model(torch.randn(4, 6)), torch.zeros(4, 3)).backward()
     opt.step()
     # at rest a parameter is an empty tensor: reading it is safe and shows nothing

@@ -26,7 +26,7 @@ def _sgd(params):
 
 
 def _engine(model):
-    return model._ddpzero_zero3  # where parallelize(..., "zero3") leaves its engine
+    return model.strategy.engine  # the ZeRO-3 engine parallelize(..., "zero3") built
 
 
 def storage_bytes(tensors) -> int:
@@ -384,7 +384,7 @@ def measure_on_rank(strategy, make_model, local_batch, optimizer, precision="fp3
         opt.step()
         after_step = dzl.model_state_bytes(model, opt)
         opt.zero_grad()
-    engine = getattr(model, "_ddpzero_zero3", None)
+    engine = model.strategy.engine
     flats = engine.flats() if engine else getattr(opt, "buckets", [])
     return {
         "held": {

@@ -85,7 +85,7 @@ def _units_on_rank(block: int):
     model, _ = dzl.parallelize(model, "zero3", optimizer=torch.optim.AdamW, track_memory=False)
     return [
         (unit.name or "(root)", [name for name, _ in flat.params], flat.layout.numel)
-        for unit in model._ddpzero_zero3.units
+        for unit in model.strategy.engine.units
         for flat in unit.flats
     ]
 

@@ -1,9 +1,10 @@
 """Strategies for data-parallel training: parallelize() and the optimizers it returns."""
 
-from .api import STRATEGIES, full_state_dict, parallelize
+from .api import STRATEGIES, clip_grad_norm_, full_state_dict, parallelize
 from .ddp import DDP
 from .param_server import ParameterServerOptimizer, message_bytes
 from .precision import GradScaler, MixedPrecisionPolicy
+from .strategy import Strategy, strategy_of
 from .zero import ZeroOptimizer, ZeroShardedOptimizer
 from .zero3 import Zero3, full_grads, fully_shard
 
@@ -11,6 +12,7 @@ __all__ = [
     "ZeroOptimizer",
     "ZeroShardedOptimizer",
     "full_state_dict",
+    "clip_grad_norm_",
     "full_grads",
     "fully_shard",
     "Zero3",
@@ -21,4 +23,6 @@ __all__ = [
     "ParameterServerOptimizer",
     "message_bytes",
     "parallelize",
+    "Strategy",
+    "strategy_of",
 ]

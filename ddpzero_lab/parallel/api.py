@@ -19,6 +19,7 @@ from .precision import (
     register_casts,
     to_compute_dtype,
 )
+from .strategy import Strategy, attach, strategy_of
 
 # What a layer above attaches to every parallelized model with track_memory on (memory.py
 # registers its tracker here): parallel/ imports nothing from the layers above it.
@@ -31,7 +32,6 @@ def register_tracker(attach: Callable) -> None:
 
 
 STRATEGIES = ("local", "ddp", "zero1", "zero2", "zero3", "param_server")
-AVAILABLE = STRATEGIES
 
 
 def parallelize(
@@ -77,10 +77,6 @@ def parallelize(
             "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
         )
     policy = as_policy(precision)
-    if strategy not in AVAILABLE:
-        raise NotImplementedError(
-            f"strategy {strategy!r} is not built yet; available now: {', '.join(AVAILABLE)}"
-        )
     if policy is not None and strategy == "param_server":
         raise ValueError("the parameter server trains in fp32 only (precision='fp32')")
     mixed = policy is not None and strategy != "zero3"  # zero3 casts its own shards
@@ -104,15 +100,25 @@ def parallelize(
         fp32 = [m for p, m in zip(module.parameters(), masters, strict=True) if p.requires_grad]
         return MasterWeightsOptimizer(params, fp32, optimizer)
 
+    frozen = {}  # fp32 values of frozen parameters from before the cast
+    if masters is not None:
+        frozen = {
+            id(p): m
+            for p, m in zip(module.parameters(), masters, strict=True)
+            if not p.requires_grad
+        }
     if strategy == "local":
         if options:
             raise TypeError(f"strategy 'local' takes no options, got {sorted(options)}")
         model, opt = module, replicated_optimizer()
+        record = Strategy("local", module, opt)
     elif strategy == "ddp":
         from .ddp import DDP
 
         model = DDP(module, **options)
         opt = replicated_optimizer()
+        record = model.strategy
+        record.optimizer = opt
     elif strategy in ("zero1", "zero2"):
         from .zero import ZeroShardedOptimizer
 
@@ -124,6 +130,7 @@ def parallelize(
         opt = ZeroShardedOptimizer(
             module, optimizer, stage=int(strategy[-1]), masters=masters, **options
         )
+        record = Strategy(strategy, module, opt)
     elif strategy == "zero3":
         from .zero3 import Zero3, Zero3Optimizer
 
@@ -132,31 +139,26 @@ def parallelize(
                 f"strategy 'zero3' takes units=, prefetch= and group=, got {sorted(options)}"
             )
         engine = Zero3(module, precision=policy, shard_parameters=False, **options)
-        module._ddpzero_zero3 = engine  # checkpoints and lessons find the engine here
         model, opt = module, Zero3Optimizer(engine, optimizer)
+        record = Strategy("zero3", module, opt, engine=engine)
     else:
         from .param_server import ParameterServerOptimizer
 
         if set(options) - {"group"}:
             raise TypeError(f"strategy 'param_server' takes only group=, got {sorted(options)}")
         model, opt = module, ParameterServerOptimizer(module, optimizer, **options)
-    # the authoritative fp32 values live in the shards or master weights (frozen parameters:
-    # their fp32 values from before the cast)
-    if strategy == "zero3":
-        module._ddpzero_full_values = opt.full_values
-    elif masters is not None:
-        frozen = {
-            id(p): m
-            for p, m in zip(module.parameters(), masters, strict=True)
-            if not p.requires_grad
-        }
-        module._ddpzero_full_values = lambda: {**frozen, **opt.full_values()}
-        module._ddpzero_frozen_masters = frozen  # checkpoints save these fp32 values
+        record = Strategy("param_server", module, opt)
+    # the authoritative fp32 values live in the shards or master weights
+    if strategy == "zero3" or masters is not None:
+        record._full_values = getattr(opt, "full_values", None)
+    record.frozen_masters = frozen
+    if strategy != "ddp":
+        attach(model, record)
     if track_memory is None:
         track_memory = in_worker()
     if track_memory:
-        for attach in _TRACKERS:
-            attach(model, opt)
+        for tracker in _TRACKERS:
+            tracker(model, opt)
     return model, opt
 
 
@@ -165,17 +167,42 @@ def full_state_dict(model: nn.Module) -> dict:
     rank (call it on every rank: strategies that shard parameters at rest gather them). With
     mixed precision (bf16 or fp16) the parameters are the fp32 master weights. For DDP and ZeRO
     stages 1-2 in fp32 every rank already holds the full parameters."""
-    gather = getattr(model, "full_state_dict", None)
-    if callable(gather):  # a wrapper that knows its strategy (e.g. dzl.Zero3)
-        return gather()
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # dzl.Zero3: a wrapper that is not a module
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     module = getattr(model, "module", model)
-    full_values = getattr(module, "_ddpzero_full_values", None)
-    values = full_values() if full_values is not None else {}
+    record = strategy_of(model)
+    values = record.full_values() if record is not None else {}
     by_name = dict(module.named_parameters(remove_duplicate=False))
     out = {}
     for key, value in module.state_dict(keep_vars=True).items():
         param = by_name.get(key)
         out[key] = values[id(param)] if id(param) in values else value.detach().clone()
     return out
+
+
+def clip_grad_norm_(model, max_norm: float) -> float:
+    """Clip the gradients of a model any strategy returned to the global 2-norm, the one
+    torch.nn.utils.clip_grad_norm_ gives in one process on the global batch; returns that
+    norm before clipping. Call it after backward, before step, on every rank (sharded
+    strategies add up every rank's shards in one all-reduce). torch's own clip would use
+    this rank's shards alone under ZeRO-2/3 and fully_shard, and the unreduced gradients
+    under ZeRO-1. The parameter server reduces inside step(): clip there is refused."""
+    record = strategy_of(model)
+    if record is None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if record.name == "param_server":
+        raise ValueError(
+            "the parameter server reduces gradients inside step(): there is no global "
+            "gradient to clip before it"
+        )
+    clip = getattr(record.optimizer, "clip_grad_norm_", None)  # ZeRO's, master weights'
+    if clip is None and record.engine is not None:
+        clip = record.engine.clip_grad_norm_  # fully_shard / Zero3: the shards' .grad
+    if clip is not None:
+        return float(clip(max_norm))
+    params = [p for p in record.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # replicated: DDP, local

@@ -26,6 +26,7 @@ from torch import nn
 from .. import comm, telemetry
 from .flat import FlatLayout, FlatShards, emit_shard_map, replicated
 from .reducer import Reducer
+from .strategy import Strategy, StrategyModule, attach
 from .wrapper import claim
 
 MB = 1024 * 1024
@@ -73,7 +74,7 @@ def broadcast_state(tensors: list[torch.Tensor], group=None, tag: str = "init") 
                 t.copy_(view)
 
 
-class DDP(nn.Module):
+class DDP(StrategyModule, nn.Module):
     """Data-parallel wrapper: like torch's DistributedDataParallel, built in Python.
 
     `.module` is the wrapped module and `parameters()` are its parameters, so an optimizer is
@@ -122,6 +123,7 @@ class DDP(nn.Module):
             )
         claim("ddp", module, self)
         self.module = module
+        attach(self, Strategy("ddp", module))  # parallelize adds the optimizer it builds
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)

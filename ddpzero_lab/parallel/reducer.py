@@ -82,7 +82,8 @@ class Reducer:
     find_unused_parameters: False raises when a parameter gets no gradient (torch's DDP
              default); True applies the unused-parameter policy and sends the mask.
     reduce_dtype: communicate in this dtype (a MixedPrecisionPolicy's reduce_dtype: fp16 or
-             bf16 gradients summed in fp32); None: in the bucket's own dtype.
+             bf16 gradients summed in fp32), or a callable bucket index -> dtype (ZeRO-3's
+             units with policies of their own); None: in the bucket's own dtype.
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class Reducer:
         in_place: bool = False,
         find_unused_parameters: bool = True,
         compression: str | None = None,
-        reduce_dtype: torch.dtype | None = None,
+        reduce_dtype: torch.dtype | Callable[[int], torch.dtype | None] | None = None,
         tag: str | Callable[[int], str] = "bucket",  # or bucket index -> its tag
         on_finished: Callable[[float], None] | None = None,
     ) -> None:
@@ -243,7 +244,10 @@ class Reducer:
         bucket.launched_at = time.time()
         tag = self.tag(bucket.index) if callable(self.tag) else f"{self.tag}{bucket.index}"
         # the dtype on the wire: DDP's compression, or the policy's reduce_dtype
-        wire = _LOW[self.compression] or self.reduce_dtype
+        reduce_dtype = self.reduce_dtype
+        if callable(reduce_dtype):  # per bucket (ZeRO-3: each unit's own policy)
+            reduce_dtype = reduce_dtype(bucket.index)
+        wire = _LOW[self.compression] or reduce_dtype
         # The sum divided by N is the mean. Divided before the sum (as torch does) where the
         # sum could overflow (fp16, bf16) and for the all-reduce; a reduce-scatter in fp32
         # divides only the slice it receives, 1/N of the work (`_take_result`).

@@ -39,8 +39,9 @@ from torch import nn
 from .. import comm
 from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map
-from .precision import MixedPrecisionPolicy, as_policy, register_casts
+from .precision import MixedPrecisionPolicy, as_policy, cast_at_edges, register_casts
 from .reducer import Reducer, tensors_in
+from .strategy import Strategy, attach, detach, strategy_of
 from .wrapper import WrappedOptimizer, claim, unclaim
 from .zero import (
     ShardedOptimizerState,
@@ -159,7 +160,10 @@ class _Unit:
 
 # FSDP2-style sharding: modules chosen as units by fully_shard (or Zero3), and the engine of
 # each module it was last called on (a later call on an ancestor takes its units over)
-_CHOSEN: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# (with the mixed-precision policy of its own fully_shard call, FSDP2's per-module mp_policy)
+_CHOSEN: weakref.WeakKeyDictionary[nn.Module, MixedPrecisionPolicy | None] = (
+    weakref.WeakKeyDictionary()
+)
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Zero3] = weakref.WeakKeyDictionary()
 # the module's own parameters, 0-element at rest: {id: (weak reference, how it is sharded)}
 _PLACEHOLDERS: dict[int, tuple[weakref.ref, str]] = {}
@@ -203,6 +207,7 @@ class Zero3:
         if units is not None and not callable(units):
             raise TypeError("units must be a callable (name, module) -> bool")
         self.shard_parameters = bool(shard_parameters)
+        self._unit_policies: dict[str, MixedPrecisionPolicy | None] = {}
         if self.shard_parameters:
             units = self._take_over_units(module, units)
         for name, p in module.named_parameters():
@@ -235,7 +240,7 @@ class Zero3:
         if units is None:
             chosen = default_units(module)
             units = lambda name, mod: name in chosen  # noqa: E731
-        self._dtypes = self.policy.dtypes(module) if self.policy is not None else {}
+        self._dtypes = self._parameter_dtypes(module)
         self.units = self._make_units(units)
         self._order: list[_Unit] = []  # units in the order of the first forward
         self._recording = True
@@ -253,7 +258,7 @@ class Zero3:
             group,
             launch="on_request",
             grads="release",
-            reduce_dtype=None if self.policy is None else self.policy.reduce_dtype,
+            reduce_dtype=lambda index: self._reduce_dtype(trainable[index]),
             tag=lambda index: f"grads:{trainable[index].unit}",  # a hang names the unit
             on_finished=self._end_of_backward,
         )
@@ -267,8 +272,7 @@ class Zero3:
             )
             self._handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
         self._handles.append(module.register_forward_pre_hook(self._root_pre_forward))
-        if self.policy is not None:
-            self._handles.extend(register_casts(module, self.policy))
+        self._handles.extend(self._register_casts(module))
         self._explain_empty_parameters(module)
         self._emit_shard_map()
         mode = "fully_shard" if self.shard_parameters else "parallelize"
@@ -277,17 +281,22 @@ class Zero3:
         _watch_optimizers()
         if self.shard_parameters:
             self._expose_shards()
-            module._ddpzero_zero3 = self  # checkpoints and full_state_dict find it here
-            module._ddpzero_full_values = self.full_values
+            # checkpoints, full_state_dict and full_grads ask the module's strategy
+            attach(
+                module, Strategy("fully_shard", module, engine=self, full_values=self.full_values)
+            )
             _ENGINES[module] = self
-            _CHOSEN.add(module)
+            _CHOSEN[module] = self.policy
 
     # -- FSDP2-style: the module's parameters are this rank's shards -----------------------
-    @staticmethod
-    def _take_over_units(module: nn.Module, units: UnitPolicy | None) -> UnitPolicy:
+    def _take_over_units(self, module: nn.Module, units: UnitPolicy | None) -> UnitPolicy:
         """Units: those of `units` (None: fully_shard's and the default), and every
-        submodule fully_shard was called on, whose own sharding is undone first."""
+        submodule fully_shard was called on, whose own sharding is undone first (its
+        mixed-precision policy is kept for it: `_unit_policies`)."""
         chosen = {n for n, m in module.named_modules() if m is not module and m in _CHOSEN}
+        self._unit_policies = {
+            n: _CHOSEN[m] for n, m in module.named_modules() if m is not module and m in _CHOSEN
+        }
         for sub in module.modules():
             engine = _ENGINES.pop(sub, None) if sub is not module else None
             if engine is not None:
@@ -297,6 +306,52 @@ class Zero3:
             default = default_units(module)
             base = lambda name, mod: name in default  # noqa: E731
         return lambda name, mod: name in chosen or bool(base(name, mod))
+
+    # -- mixed precision, per unit --------------------------------------------------------
+    def _own_policies(self) -> dict[str, MixedPrecisionPolicy | None]:
+        """Units whose fully_shard call gave a policy other than this call's."""
+        return {n: p for n, p in self._unit_policies.items() if p != self.policy}
+
+    def _parameter_dtypes(self, module: nn.Module) -> dict[int, torch.dtype]:
+        """{id(parameter): its dtype}: this call's policy, then each unit's own (outer units
+        first, so that the innermost call decides)."""
+        dtypes = self.policy.dtypes(module) if self.policy is not None else {}
+        own = self._own_policies()
+        if own and self.policy is not None and self.policy.whole_model:
+            raise ValueError(
+                f"units {sorted(own)} have a mixed-precision policy of their own, inside a "
+                "root whose policy casts only at the model's edges (modules=None, as "
+                "'bf16-mixed' and 'fp16-mixed'): give the root a per-module policy "
+                "(dzl.MixedPrecisionPolicy(param_dtype=..., modules=(nn.Linear, ...))) or the "
+                "units the same policy as the root"
+            )
+        for name in sorted(own, key=lambda n: n.count(".")):
+            unit, policy = module.get_submodule(name), own[name]
+            if policy is None:
+                dtypes.update((id(p), torch.float32) for p in unit.parameters())
+            else:
+                dtypes.update(policy.dtypes(unit))
+        return dtypes
+
+    def _register_casts(self, module: nn.Module) -> list:
+        """Casts at the edges of the modules that compute in a low precision: this call's
+        policy outside the units with a policy of their own, theirs inside them."""
+        own = self._own_policies()
+        inside = {id(m) for name in own for m in module.get_submodule(name).modules()}
+        handles = []
+        if self.policy is not None:
+            for covered in self.policy.covered(module):
+                if id(covered) not in inside:
+                    handles.extend(cast_at_edges(covered, self.policy.param_dtype))
+        for name, policy in own.items():
+            if policy is not None:
+                handles.extend(register_casts(module.get_submodule(name), policy))
+        return handles
+
+    def _reduce_dtype(self, flat: _Flat) -> torch.dtype | None:
+        """The dtype a flat's gradients are reduced in: its unit's policy's reduce_dtype."""
+        policy = self._own_policies().get(flat.unit if flat.unit != "(root)" else "", self.policy)
+        return None if policy is None else policy.reduce_dtype
 
     def _expose_shards(self) -> None:
         where: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -334,8 +389,7 @@ class Zero3:
             for _, p in flat.params:
                 p.data = values[id(p)].to(self._original_dtypes[id(p)])
                 _PLACEHOLDERS.pop(id(p), None)
-        for attribute in ("_ddpzero_zero3", "_ddpzero_full_values"):
-            self.module.__dict__.pop(attribute, None)
+        detach(self.module)
         unclaim(self.module)
 
     def _deliver_grads(self) -> None:
@@ -630,15 +684,31 @@ class Zero3:
 
 
 def fully_shard(
-    module: nn.Module, *, prefetch: bool = False, precision: str = "fp32", group=None
+    module: nn.Module,
+    *,
+    prefetch: bool = False,
+    precision: str | MixedPrecisionPolicy | None = "fp32",
+    mp_policy: MixedPrecisionPolicy | None = None,
+    group=None,
 ) -> nn.Module:
     """Shard `module` with ZeRO-3, FSDP2's way: call it on each submodule you want as a unit
     (innermost first), then on the root; returns `module`. A call on a module containing
     earlier ones makes those its units (undoing their own sharding), so after the root's
     call `model.parameters()` are this rank's shards (see `Zero3`): build the optimizer
-    then. Every rank must make the same calls, and run every unit in every step."""
+    then. Every rank must make the same calls, and run every unit in every step.
+
+    Each call's `precision` (or `mp_policy=`, FSDP2's name for it) stays with its unit, as
+    FSDP2's per-module MixedPrecisionPolicy: a unit's parameters are stored, gathered and
+    computed in its policy's param_dtype and its gradients reduced in its reduce_dtype; a
+    unit sharded in "fp32" inside a low-precision root stays fp32. The root's policy covers
+    what no unit's call decides; it must then cast per module (MixedPrecisionPolicy with
+    `modules=`), not only at the model's edges."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard takes a torch.nn.Module, got {type(module).__name__}")
+    if mp_policy is not None:
+        if precision not in ("fp32", None):
+            raise ValueError("give precision= or mp_policy= (the same thing), not both")
+        precision = mp_policy
     Zero3(
         module,
         units=lambda name, mod: False,  # only the submodules fully_shard was called on
@@ -657,9 +727,9 @@ def full_grads(model) -> dict[str, torch.Tensor | None]:
     if isinstance(model, Zero3):
         return model.full_grads()
     module = getattr(model, "module", model)
-    engine = getattr(module, "_ddpzero_zero3", None)
-    if engine is not None:
-        return engine.full_grads()
+    record = strategy_of(model)
+    if record is not None and record.engine is not None:
+        return record.engine.full_grads()
     return {
         name: None if p.grad is None else p.grad.detach().clone()
         for name, p in module.named_parameters()
