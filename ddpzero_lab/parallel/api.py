@@ -83,7 +83,7 @@ def parallelize(
     if mixed and strategy != "local":
         # the fp32 masters are taken before the cast: take them from rank 0's values, as the
         # strategy would have broadcast them
-        from .ddp import broadcast_state, check_same_model
+        from .group import broadcast_state, check_same_model
 
         check_same_model(module, options.get("group"))
         broadcast_state([*module.parameters(), *module.buffers()], options.get("group"))

@@ -1,12 +1,14 @@
 """DDP from scratch: gradients averaged across ranks by bucketed all-reduces that overlap
 with backward, as torch.nn.parallel.DistributedDataParallel does.
 
-This module owns the DDP wrapper: the start-up checks and broadcast, the gradient buckets
-(in reverse parameter order, then in the order gradients really arrived, as Li et al.,
-"PyTorch Distributed", VLDB 2020, §3.2 describe), the per-parameter hooks that launch each
-bucket's all-reduce the moment its last gradient is ready, the end-of-backward step that waits
-for them, `no_sync()`, unused parameters, the teaching modes and gradient compression. The
-collectives themselves come from comm/ (counted), the flat-buffer arithmetic from flat.py.
+This module owns the DDP wrapper: the bucket plan (in reverse parameter order, then in the
+order gradients really arrived, as Li et al., "PyTorch Distributed", VLDB 2020, §3.2
+describe), `no_sync()`, the buffers' broadcast, the teaching modes and gradient compression.
+The gradient hooks, readiness, launch order, end-of-backward wait and unused parameters are
+the one reducer's (reducer.py, its all-reduce branch: ZeRO-2 differs from DDP there only);
+the start-up checks are group.py's, the collectives comm/'s (counted), the flat buffers
+flat.py's. parallelize(..., "ddp") returns this wrapper; it knows its strategy
+(`model.strategy`, strategy.py).
 
 Modes, for teaching and comparison:
   mode="naive"     one all-reduce per parameter after backward (no buckets, no overlap)
@@ -24,54 +26,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm, telemetry
-from .flat import FlatLayout, FlatShards, emit_shard_map, replicated
+from .flat import FlatShards, emit_shard_map, replicated
+from .group import broadcast_state, check_process_group, check_same_model, global_rank
 from .reducer import Reducer
 from .strategy import Strategy, StrategyModule, attach
 from .wrapper import claim
 
 MB = 1024 * 1024
 _COMPRESSIONS = (None, "bf16", "fp16")
-
-
-def _global_rank(group, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
-
-
-def check_same_model(module: nn.Module, group=None) -> None:
-    """Raise ValueError, on every rank, if the ranks' parameter names and shapes differ."""
-    signature = [(name, tuple(p.shape), str(p.dtype)) for name, p in module.named_parameters()]
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, signature, group=group)
-    reference = gathered[0]
-    for rank, other in enumerate(gathered[1:], start=1):
-        if other == reference:
-            continue
-        for i, (mine, theirs) in enumerate(zip(reference, other, strict=False)):
-            if mine != theirs:
-                raise ValueError(
-                    f"the model differs between ranks: parameter #{i} is {mine[0]} "
-                    f"{list(mine[1])} {mine[2]} on rank 0 but {theirs[0]} {list(theirs[1])} "
-                    f"{theirs[2]} on rank {rank}; build the same model on every rank"
-                )
-        raise ValueError(
-            f"the model differs between ranks: rank 0 has {len(reference)} parameters, rank "
-            f"{rank} has {len(other)}; build the same model on every rank"
-        )
-
-
-def broadcast_state(tensors: list[torch.Tensor], group=None, tag: str = "init") -> None:
-    """Copy rank 0's values into `tensors` on every rank, one broadcast per dtype/device."""
-    by_kind: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_kind.setdefault((t.dtype, t.device), []).append(t)
-    src = _global_rank(group, 0)
-    with torch.no_grad():
-        for items in by_kind.values():
-            layout = FlatLayout.of(items)
-            flat = layout.flatten([t.detach() for t in items])
-            comm.broadcast(flat, src, group=group, tag=tag)
-            for t, view in zip(items, layout.views(flat), strict=True):
-                t.copy_(view)
 
 
 class DDP(StrategyModule, nn.Module):
@@ -116,11 +78,7 @@ class DDP(StrategyModule, nn.Module):
             raise ValueError(f"mode must be 'bucketed' or 'naive', got {mode!r}")
         if compression not in _COMPRESSIONS:
             raise ValueError(f"compression must be None, 'bf16' or 'fp16', got {compression!r}")
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "DDP needs a process group: build it inside a LiveCluster job or after "
-                "torch.distributed.init_process_group"
-            )
+        check_process_group("DDP")
         claim("ddp", module, self)
         self.module = module
         attach(self, Strategy("ddp", module))  # parallelize adds the optimizer it builds
@@ -300,7 +258,7 @@ class DDP(StrategyModule, nn.Module):
         rest = [i for i in reversed(range(len(self._params))) if i not in set(seen)]
         # on the parameters' device: nccl moves only CUDA tensors
         order = torch.tensor(seen + rest, dtype=torch.int64, device=self._params[0][1].device)
-        comm.broadcast(order, _global_rank(self.group, 0), group=self.group, tag="bucket_order")
+        comm.broadcast(order, global_rank(self.group, 0), group=self.group, tag="bucket_order")
         new_order = [index[id(p)] for b in self.reducer.buckets for _, p in b.storage.params]
         if order.tolist() != new_order:
             self.reducer.set_buckets(self._make_buckets(order.tolist()))

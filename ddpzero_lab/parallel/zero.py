@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm, telemetry
-from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map, replicated
+from .group import broadcast_state, check_process_group, check_same_model
 from .reducer import Reducer
 from .wrapper import WrappedOptimizer, claim
 
@@ -75,14 +75,6 @@ class ShardedOptimizerState:
                 f"{state.get('world_size')}; this is rank {self.rank} of {self.world_size}"
             )
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def check_process_group(what: str) -> None:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"{what} needs a process group: build it inside a LiveCluster job or after "
-            "torch.distributed.init_process_group"
-        )
 
 
 class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):

@@ -13,17 +13,23 @@ This module owns `parallelize(..., strategy="zero3")` (Rajbhandari et al., "ZeRO
   views of the parameters that autograd saved for backward hold no memory either.
 * Before a unit's forward its parameters are all-gathered (in the compute dtype), and freed
   again when its forward ends; a hook on the unit's outputs gathers them once more when
-  backward reaches the unit. As each gradient is ready it is copied into the unit's flat
-  gradient buffer; when the unit's last one is, the buffer is reduce-scattered (async) and the
-  unit's parameters are freed. Each rank steps only its shard; nothing is gathered after the
-  step (the next forward gathers). Traffic per step: Ψ (forward all-gather) + Ψ (backward
-  all-gather) + Ψ (reduce-scatter) = 3Ψ, against DDP's 2Ψ.
+  backward reaches the unit: each unit is gathered once for forward and once for backward.
+  As each gradient is ready it is copied into the unit's flat gradient buffer (reducer.py);
+  the unit's post-backward hook (an autograd function on the unit's inputs, run when
+  backward has left the unit) requests its reduce-scatter (async) and frees the unit's
+  parameters. Each rank steps only its shard; nothing is gathered after the step (the next
+  forward gathers). Traffic per step: Ψ (forward all-gather) + Ψ (backward all-gather) + Ψ
+  (reduce-scatter) = 3Ψ, against DDP's 2Ψ.
 * Optional prefetch: while a unit runs, the next unit's all-gather is already in flight (the
   order is recorded in the first forward).
+* Mixed precision per unit (`fully_shard(..., mp_policy=)`, as FSDP2): each unit's flats are
+  stored, gathered and reduced in the dtypes of its own call's policy.
 
-Collectives are launched in an order that every rank agrees on (units in a fixed order; a unit
-whose gradients are ready early waits for the ones before it), so that ranks whose data leave
-different parameters unused never pair different collectives.
+Every collective is placed by the model's own order: gathers by the forward's and backward's
+unit order, reduce-scatters by the autograd graph, so ranks whose data leave different
+parameters unused (inside a unit) still pair the same collectives. A unit that one rank skips
+entirely cannot work (as with FSDP): the others wait in its all-gather until the timeout,
+whose report names the unit.
 """
 
 from __future__ import annotations
@@ -37,15 +43,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
-from .ddp import broadcast_state, check_same_model
 from .flat import FlatShards, emit_shard_map
+from .group import broadcast_state, check_process_group, check_same_model
 from .precision import MixedPrecisionPolicy, as_policy, cast_at_edges, register_casts
 from .reducer import Reducer, tensors_in
 from .strategy import Strategy, attach, detach, strategy_of
 from .wrapper import WrappedOptimizer, claim, unclaim
 from .zero import (
     ShardedOptimizerState,
-    check_process_group,
     clip_grads_,
     clip_scaled_,
     emit_step,
