@@ -6,7 +6,7 @@ This module only re-exports the public API (DESIGN.md §3).
 from . import faults
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, state, world_size
-from .comm import reset_traffic, traffic
+from .comm import Link, reset_traffic, set_link, traffic
 from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
 from .parallel import (
     DDP,
@@ -35,6 +35,7 @@ __all__ = [
     "Dashboard",
     "GradScaler",
     "Job",
+    "Link",
     "LiveCluster",
     "MemoryCalculator",
     "MemoryTracker",
@@ -52,6 +53,7 @@ __all__ = [
     "model_state_bytes",
     "parallelize",
     "reset_traffic",
+    "set_link",
     "traffic",
     "rank",
     "state",

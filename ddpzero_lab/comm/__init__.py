@@ -15,11 +15,15 @@ from .collectives import (
     traffic,
 )
 from .cost_model import AlphaBeta, chunk_numels, fit_alpha_beta, traffic_model
+from .link import Link, compute_rate, set_link
 from .probe import probe_alpha_beta
 from .ring import ring_all_gather, ring_all_reduce, ring_reduce_scatter
 
 __all__ = [
     "AlphaBeta",
+    "Link",
+    "compute_rate",
+    "set_link",
     "TimedWork",
     "all_gather",
     "all_reduce",

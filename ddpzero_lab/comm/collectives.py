@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from .. import telemetry
 from ..cluster import flight
+from . import link
 from .cost_model import traffic_model
 
 _FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
@@ -145,10 +146,13 @@ class TimedWork:
     communication backward hid.
     """
 
-    def __init__(self, work, on_done, flight_entry: tuple | None = None) -> None:
+    def __init__(
+        self, work, on_done, flight_entry: tuple | None = None, not_before: float | None = None
+    ) -> None:
         self._work = work
         self._on_done = on_done
         self._counted = False
+        self._not_before = not_before  # an emulated link's completion time (link.py)
         # (op, seq, tag, group, peer): what the flight record says this rank waits in
         self._flight_entry = flight_entry
         self.completed_at: float | None = None
@@ -178,12 +182,17 @@ class TimedWork:
                 raise
             if rec is not None:
                 rec.left(*self._flight_entry, started)
+        real_end = self.completed_at or time.time()
+        if self._not_before is not None:
+            link.sleep_until(self._not_before)  # the emulated link is still busy with it
         if not self._counted:
             self._counted = True
-            self._on_done(self.completed_at or time.time())
+            self._on_done(real_end)
         return True
 
     def is_completed(self) -> bool:
+        if self._not_before is not None and time.time() < self._not_before:
+            return False
         return self._work is None or self._work.is_completed()
 
     def __getattr__(self, name: str) -> Any:
@@ -283,12 +292,20 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
     # A blocking op blocks inside native(); an async one only in its handle's wait().
     rec = flight.recorder if not async_op else None
     start = time.time()
+    emulator = link.current()
+    # an emulated link (link.py): the op is done no earlier than the link would finish it
+    not_before = None
+    if emulator is not None and world_size > 1:
+        not_before = emulator.complete_at(op, nbytes, world_size, start)
     if rec is not None:
         rec.entered(*entry)
     try:
         work, used = _run_native(op, tensor, backend, async_op, native, fallbacks)
         if work is not None and not async_op:
             work.wait()
+        real_end = time.time()
+        if not_before is not None and not async_op:
+            link.sleep_until(not_before)
     except BaseException as exc:
         if rec is not None:
             rec.left(*entry, start, _status_of(exc))
@@ -298,12 +315,16 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
 
     extra = {"fallback": used} if used else {}
 
-    def done(end: float) -> None:
-        record(op, nbytes, sent, recv, start, end, tag, seq, **extra)
+    def done(real: float) -> None:
+        if not_before is None:
+            record(op, nbytes, sent, recv, start, real, tag, seq, **extra)
+        else:  # the link's time counts; the real one is kept beside it
+            end = max(real, not_before)
+            record(op, nbytes, sent, recv, start, end, tag, seq, real_end=real, **extra)
 
     if async_op:
-        return TimedWork(work, done, entry)
-    done(time.time())
+        return TimedWork(work, done, entry, not_before)
+    done(real_end)
     return None
 
 

@@ -1,0 +1,169 @@
+"""Emulated links: collectives that take as long as on a real interconnect, at laptop speed.
+
+On a few CPU ranks, gloo's collectives compete with backward for the same cores, so the time
+lessons (overlap, bucket size, prefetch, ring against parameter server) come out flat or
+backwards. What shapes a real timeline is the ratio of compute to communication; this module
+reproduces that ratio here:
+
+* a `Link` is Hockney's α-β model of one interconnect (cost_model.AlphaBeta): a collective
+  moving B bytes on it takes the α-β time of the op's algorithm for N ranks;
+* `Link.preset("nvlink4", accelerator="h100")` scales a real link by the ratio of the
+  accelerator's compute rate to this machine's (measured with a short matmul, `compute_rate`):
+  an H100 computes ~1e4 times as fast as a laptop core, so its NVLink's times are stretched
+  1e4 times as well, and a step here has the shape a step there has;
+* while a link is set (`set_link`, in each rank; LiveCluster(link=...) and the environment
+  variable DDPZERO_LINK set it for a whole cluster or torchrun job), every collective through
+  comm/ completes no earlier than its start + the link's time (`Emulator.complete_at`). The
+  wait is a sleep, so the cores stay free for compute, as with a NIC or NVLink doing the
+  transfer; the real data still moves, so results do not change. One link per rank, used by
+  one op at a time: an op launched while another is on the link starts when it is done.
+
+Presets (bandwidth per direction per GPU, α a typical per-message latency):
+  nvlink4  450 GB/s, 3 µs   H100 SXM: 900 GB/s of NVLink per GPU, both directions together
+  pcie4     25 GB/s, 5 µs   x16, ~32 GB/s theoretical per direction
+  ib-100g 12.5 GB/s, 5 µs   100 Gb/s InfiniBand (one NIC)
+  eth-10g 1.25 GB/s, 50 µs  10 Gb/s Ethernet, TCP
+Accelerators (dense tensor-core FLOP/s): h100 989e12 (bf16), a100 312e12 (bf16), v100 125e12
+(fp16), t4 65e12 (fp16), from the vendors' data sheets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .cost_model import AlphaBeta
+
+LINKS = {  # name: (latency α in seconds, bandwidth in bytes per second per direction)
+    "nvlink4": (3e-6, 450e9),
+    "pcie4": (5e-6, 25e9),
+    "ib-100g": (5e-6, 12.5e9),
+    "eth-10g": (50e-6, 1.25e9),
+}
+ACCELERATORS = {"h100": 989e12, "a100": 312e12, "v100": 125e12, "t4": 65e12}  # FLOP/s
+
+
+@dataclass(frozen=True)
+class Link:
+    """One interconnect: `latency` α (seconds per message), `bandwidth` (bytes per second per
+    direction per rank), times multiplied by `scale` (1: real time)."""
+
+    latency: float
+    bandwidth: float
+    scale: float = 1.0
+    name: str = "custom"
+    accelerator: str | None = None
+
+    def __post_init__(self) -> None:
+        for field, value in (("latency", self.latency), ("scale", self.scale)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{field} must be a non-negative number, got {value!r}")
+        if not isinstance(self.bandwidth, (int, float)) or not self.bandwidth > 0:
+            raise ValueError(f"bandwidth must be a positive number, got {self.bandwidth!r}")
+
+    @classmethod
+    def preset(
+        cls, name: str, accelerator: str | None = None, compute_flops: float | None = None
+    ) -> Link:
+        """A real link, scaled to this machine when `accelerator` is named: times x (the
+        accelerator's FLOP/s / this machine's, `compute_flops` or measured)."""
+        if name not in LINKS:
+            raise ValueError(f"unknown link {name!r}; one of {sorted(LINKS)}")
+        latency, bandwidth = LINKS[name]
+        link = cls(latency, bandwidth, 1.0, name)
+        if accelerator is None:
+            return link
+        if accelerator not in ACCELERATORS:
+            raise ValueError(f"unknown accelerator {accelerator!r}; one of {sorted(ACCELERATORS)}")
+        here = compute_flops if compute_flops is not None else compute_rate()
+        return replace(link, scale=ACCELERATORS[accelerator] / here, accelerator=accelerator)
+
+    @classmethod
+    def parse(cls, spec: str | Link) -> Link:
+        """'nvlink4', 'nvlink4:h100' (scaled to this machine) or a Link."""
+        if isinstance(spec, Link):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"a link is a Link or a name like 'nvlink4:h100', got {spec!r}")
+        name, _, accelerator = spec.partition(":")
+        return cls.preset(name, accelerator or None)
+
+    @property
+    def model(self) -> AlphaBeta:
+        return AlphaBeta(alpha=self.latency * self.scale, beta=self.scale / self.bandwidth)
+
+    def seconds(self, op: str, nbytes: float, world_size: int) -> float:
+        """How long `op` with a payload of `nbytes` takes on this link among `world_size`
+        ranks (cost_model's α-β forms: ring, chain; point-to-point one message)."""
+        return self.model.predict(op, nbytes, world_size)
+
+    def describe(self) -> str:
+        """What a plot says about its timing, e.g. 'emulated nvlink4 (450 GB/s, 3 µs) scaled
+        x9.9e+03 to h100 on this machine'."""
+        text = f"emulated {self.name} ({self.bandwidth / 1e9:g} GB/s, {self.latency * 1e6:g} µs)"
+        if self.scale != 1.0:
+            target = f" to {self.accelerator}" if self.accelerator else ""
+            text += f" scaled x{self.scale:.2g}{target} on this machine"
+        return text
+
+
+def compute_rate(size: int = 512, repeats: int = 5) -> float:
+    """This process's float32 matmul rate, FLOP/s (the best of `repeats` size x size
+    products, with the threads torch uses here)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class Emulator:
+    """The link of this rank and when it is next free (one op on the link at a time)."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def complete_at(self, op: str, nbytes: float, world_size: int, start: float) -> float:
+        """When an op issued at `start` (time.time()) is done on the link: after the op ahead
+        of it on the link, plus its own time."""
+        with self._lock:
+            begin = max(start, self._free_at)
+            self._free_at = begin + self.link.seconds(op, nbytes, world_size)
+            return self._free_at
+
+
+_emulator: Emulator | None = None
+
+
+def set_link(link: str | Link | None) -> Link | None:
+    """Emulate `link` for every collective this rank issues from now on (None: real time).
+    Call it on every rank alike (inside a job, or once per torchrun process)."""
+    global _emulator
+    _emulator = None if link is None else Emulator(Link.parse(link))
+    return None if _emulator is None else _emulator.link
+
+
+def current() -> Emulator | None:
+    return _emulator
+
+
+def sleep_until(deadline: float) -> None:
+    """Sleep (not spin) until time.time() reaches `deadline`."""
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            return
+        time.sleep(left)
+
+
+if os.environ.get("DDPZERO_LINK"):  # a torchrun job or a cluster's workers: set at import
+    set_link(os.environ["DDPZERO_LINK"])
