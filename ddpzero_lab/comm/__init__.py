@@ -1,5 +1,6 @@
 """Communication the learner can see: counted collectives, rings from send/recv, cost models."""
 
+from . import wire
 from .collectives import (
     TimedWork,
     all_gather,
@@ -43,4 +44,5 @@ __all__ = [
     "send",
     "traffic",
     "traffic_model",
+    "wire",
 ]
