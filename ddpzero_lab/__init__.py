@@ -21,6 +21,7 @@ from .parallel import (
     parallelize,
     strategy_of,
 )
+from .projection import profile_step, project
 from .telemetry import emit
 from .viz import Dashboard, MemoryCalculator
 
@@ -52,6 +53,8 @@ __all__ = [
     "fully_shard",
     "model_state_bytes",
     "parallelize",
+    "profile_step",
+    "project",
     "reset_traffic",
     "set_link",
     "traffic",
