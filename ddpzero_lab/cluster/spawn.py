@@ -140,7 +140,16 @@ class Generation:
                 conn.close()
             except OSError:
                 pass
-        shutil.rmtree(self.store_dir, ignore_errors=True)
+        # An interrupt during proc.start() can leave a worker that the forkserver started but
+        # that no list here knows: it may still create its stderr file in the directory while
+        # rmtree runs (which then fails on a non-empty directory). Remove until gone; once the
+        # directory is gone such a worker can create nothing there, and ends when its pipe does.
+        deadline = time.monotonic() + 2.0
+        while True:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            if not os.path.exists(self.store_dir) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
 
 
 def launch(
