@@ -89,8 +89,9 @@ def _mean(values) -> float:
 
 
 def _period(job_events, rank) -> float:
-    """A rank's mean step time, from one step's forward to the next one's."""
-    starts = [e["forward_start"] for e in _steps(job_events, rank, first=1)]
+    """A rank's mean step time, from one step's forward to the next one's, over the steps that
+    _steps keeps (so that each interval holds one of the waits that comm_s counts there)."""
+    starts = [e["forward_start"] for e in _steps(job_events, rank)]
     return _mean(b - a for a, b in zip(starts, starts[1:], strict=False))
 
 
