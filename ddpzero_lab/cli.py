@@ -82,10 +82,10 @@ def _report_fit(world_size: int, gpus: int) -> bool:
     """Print whether `world_size` ranks fit this machine; False if memory cannot hold them."""
     import os
 
-    from .cluster.cluster import _WORKER_BYTES_ESTIMATE
+    from .cluster.spawn import WORKER_BYTES_ESTIMATE
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    need = world_size * _WORKER_BYTES_ESTIMATE
+    need = world_size * WORKER_BYTES_ESTIMATE
     try:
         import psutil
 

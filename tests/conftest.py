@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,6 +43,15 @@ def ncluster(request):
     none of their parameter sizes)."""
     with dzl.LiveCluster(request.param, timeout=30.0) as cluster:
         yield cluster
+
+
+def restart_seconds(cluster) -> float:
+    """How long replacing the cluster's workers takes on this machine now: the baseline that a
+    test measures before it bounds the time a failure takes to end (most end in a restart),
+    so that a busy machine makes the bound longer instead of the test fail."""
+    start = time.monotonic()
+    cluster.restart()
+    return time.monotonic() - start
 
 
 def alive(pid: int) -> bool:

@@ -60,18 +60,36 @@ def _train(
         opt.zero_grad()
     if save is not None:
         if crash:
-            import ddpzero_lab.checkpoint as ckpt
-
-            real = ckpt._write_shard
-
-            def dying(pieces, path):
-                if dzl.rank() == 1:
-                    raise OSError("disk full (injected)")
-                real(pieces, path)
-
-            ckpt._write_shard = dying
-        dzl.save_checkpoint(save, model, opt, step=start + steps)
+            _save_with_a_full_disk_on_rank_1(save, model, opt, step=start + steps)
+        else:
+            dzl.save_checkpoint(save, model, opt, step=start + steps)
     return dzl.full_state_dict(model)
+
+
+def _save_with_a_full_disk_on_rank_1(path, model, opt, step):
+    """save_checkpoint with rank 1's shard write failing. The patch lives in the workers of a
+    cluster shared by the whole module: it is undone however the save ends, so that no later
+    test saves through it (whether or not this failure makes the cluster restart)."""
+    import ddpzero_lab.checkpoint as ckpt
+
+    real = ckpt._write_shard
+
+    def dying(pieces, shard_path):
+        if dzl.rank() == 1:
+            raise OSError("disk full (injected)")
+        real(pieces, shard_path)
+
+    ckpt._write_shard = dying
+    try:
+        dzl.save_checkpoint(path, model, opt, step=step)
+    finally:
+        ckpt._write_shard = real
+
+
+def _writer_name():
+    import ddpzero_lab.checkpoint as ckpt
+
+    return ckpt._write_shard.__name__
 
 
 @pytest.mark.parametrize(
@@ -118,6 +136,7 @@ def test_a_save_killed_half_way_is_rejected_and_the_previous_one_survives(cluste
     good = cluster.run(_train, "zero2", 2, save=tmp_path)[0]
     with pytest.raises(dzl.RankError, match="disk full"):
         cluster.run(_train, "zero2", 1, start=2, save=tmp_path, crash=True)
+    assert cluster.run(_writer_name) == ["_write_shard", "_write_shard"]  # nothing left patched
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".partial-")]
     assert partial, "the dead save left its partial directory"
     with pytest.raises(dzl.CheckpointError, match="not a complete checkpoint"):

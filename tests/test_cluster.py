@@ -66,20 +66,27 @@ def test_workers_keep_state_between_calls(cluster):
     assert cluster.run(load) == [(0, pids[0]), (7, pids[1])]
 
 
-def test_submit_returns_a_job_with_events_readable_while_running(cluster):
+def test_submit_returns_a_job_with_events_readable_while_running(cluster, tmp_path):
+    release = tmp_path / "release"
+
     def emitter():
         for step in range(5):
             dzl.emit("loss", step=step, loss=1.0 / (step + 1))
             time.sleep(0.05)
-        time.sleep(1.0)
+        # Held until the test has read the events: "still running" depends on no clock (the
+        # 60 s only bound a test that fails before it releases the ranks).
+        deadline = time.monotonic() + 60
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return "done"
 
     job = cluster.submit(emitter)
     assert not job.done()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while len(job.events) < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(job.events) == 10 and not job.done()  # all events arrived, job still running
+    release.touch()
     assert job.wait() == ["done", "done"]
     assert job.done()
     events = job.events
@@ -121,18 +128,33 @@ def test_events_reach_a_dashboard_consumer_on_one_thread(cluster):
     assert recorder.ended == [job.id]
 
 
-def test_wait_with_timeout_leaves_the_job_running(cluster):
-    job = cluster.submit(time.sleep, 1.0)
+def _held_until(release, value=None):
+    """A job that runs until the file `release` exists (60 s at most), then returns value: it
+    is still running when the test looks, however slow the machine."""
+
+    def held():
+        deadline = time.monotonic() + 60
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return value
+
+    return held
+
+
+def test_wait_with_timeout_leaves_the_job_running(cluster, tmp_path):
+    job = cluster.submit(_held_until(tmp_path / "release"))
     with pytest.raises(TimeoutError, match="still running"):
         job.wait(timeout=0.1)
-    assert job.wait(timeout=10) == [None, None]
+    (tmp_path / "release").touch()
+    assert job.wait(timeout=30) == [None, None]
 
 
-def test_one_job_at_a_time(cluster):
-    first = cluster.submit(lambda: time.sleep(0.5) or "first")
+def test_one_job_at_a_time(cluster, tmp_path):
+    first = cluster.submit(_held_until(tmp_path / "release", "first"))
     # A second job now would pair its collectives with the first one's: refused, clearly.
     with pytest.raises(dzl.ClusterError, match="still running.*one job runs at a time"):
         cluster.submit(lambda: "second")
+    (tmp_path / "release").touch()
     assert first.wait() == ["first", "first"]
     assert cluster.run(lambda: "second") == ["second", "second"]
 
@@ -146,15 +168,27 @@ def test_a_failed_job_nobody_waited_for_is_settled_before_the_next(cluster):
         return t.item()
 
     failed = cluster.submit(uneven)
-    time.sleep(0.3)
 
     def total():
         t = torch.ones(1)
         dist.all_reduce(t)
         return t.item()
 
-    # The next job must not pair its all_reduce with rank 1's pending one.
-    assert cluster.run(total) == [2.0, 2.0]
+    # The next job must not pair its all_reduce with rank 1's pending one. Until rank 0's
+    # failure has reached the parent the first job is simply running, and the next one is
+    # refused: submit again then (a slow machine takes longer to get there, nothing else).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            results = cluster.run(total)
+            break
+        except dzl.RankError:
+            raise
+        except dzl.ClusterError as exc:
+            if "one job runs at a time" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert results == [2.0, 2.0]
     with pytest.raises(dzl.RankError) as info:
         failed.wait()
     assert info.value.ranks == [0] and "rank 0 fails first" in str(info.value)

@@ -225,3 +225,14 @@ def restore_source(text: str, files: dict[str, str]) -> str:
         else:
             out.append(line)
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+def join_ranks(ranks) -> str:
+    """'0, 2, 3': rank numbers for a message."""
+    return ", ".join(str(r) for r in ranks)
+
+
+def name_ranks(ranks) -> str:
+    """'rank 1' or 'ranks 0, 2': one or more ranks, named for a message."""
+    ranks = list(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {join_ranks(ranks)}"

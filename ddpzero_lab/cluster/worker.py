@@ -5,17 +5,7 @@ parent until it is told to stop or the parent disappears. It owns nothing the pa
 clean up: it dies with the parent (parent-death signal on Linux, and end-of-file on its pipe
 everywhere).
 
-Messages on the worker's pipe, parent -> worker:
-    ("task", job_id, payload)   payload: cloudpickle of (fn, args, kwargs)
-    ("cancel", job_id)          stop that job if it is running or queued
-    ("where", token)            say where the main thread is (its innermost frames)
-    ("shutdown",)
-worker -> parent:
-    ("ready", rank, info) | ("startup_error", rank, traceback_text)
-    ("event", job_id, event)
-    ("output", job_id, stream, text)             what fn printed, whole lines
-    ("result", job_id, rank, status, payload, seq)   status: "ok" | "error" | "cancelled"
-    ("where", token, rank, frames)    frames: [(file, line, function, source)], innermost last
+The messages on the worker's pipe, both ways, are the typed records of messages.py.
 """
 
 from __future__ import annotations
@@ -39,6 +29,19 @@ import torch
 
 from .. import telemetry
 from . import context, flight
+from .messages import (
+    Cancel,
+    EventMessage,
+    Output,
+    Ready,
+    Result,
+    Shutdown,
+    StartupError,
+    Task,
+    ToParent,
+    Where,
+    WhereReply,
+)
 
 # SIGUSR1 carries "cancel the running job" from the worker's own reader thread to its main
 # thread. A real signal (not a simulated one) so that it also breaks a sleep or a blocking read.
@@ -117,7 +120,7 @@ class _Channel:
         self.lock = threading.Lock()
         self.job: int | None = None
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: ToParent) -> None:
         # The cancel signal must not land half-way through a write: the parent would read a
         # torn message. Blocking it here only delays it to the end of the send.
         blocked = (
@@ -136,7 +139,7 @@ class _Channel:
 
     def send_event(self, event: telemetry.Event) -> None:
         # An event belongs to the job running when it was emitted.
-        self.send(("event", self.job, dataclasses.replace(event, job=self.job)))
+        self.send(EventMessage(self.job, dataclasses.replace(event, job=self.job)))
 
 
 class _RankStream(io.TextIOBase):
@@ -165,7 +168,7 @@ class _RankStream(io.TextIOBase):
 
     def _send(self, text: str) -> None:
         try:
-            self.channel.send(("output", self.channel.job, self.name, text))
+            self.channel.send(Output(self.channel.job, self.name, text))
         except (OSError, ValueError):
             self.original.write(text)
 
@@ -275,21 +278,20 @@ def main(
                 # An unreadable message: the stream is out of step and nothing after it can be
                 # trusted. End; the parent sees the death and replaces this worker.
                 os._exit(70)
-            if message[0] == "task":
-                tasks.put(message[1:])
-            elif message[0] == "cancel":
-                job_id = message[1]
+            if isinstance(message, Task):
+                tasks.put(message)
+            elif isinstance(message, Cancel):
                 with state.lock:
-                    state.cancelled.add(job_id)
-                    running = state.current_job == job_id
+                    state.cancelled.add(message.job_id)
+                    running = state.current_job == message.job_id
                 if running and _CANCEL_SIGNAL is not None:
                     signal.pthread_kill(main_thread, _CANCEL_SIGNAL)
-            elif message[0] == "where":
+            elif isinstance(message, Where):
                 try:
-                    channel.send(("where", message[1], rank, main_thread_frames()))
+                    channel.send(WhereReply(message.token, rank, main_thread_frames()))
                 except (OSError, ValueError):
                     pass
-            elif message[0] == "shutdown":
+            elif isinstance(message, Shutdown):
                 tasks.put(None)
                 return
 
@@ -321,12 +323,11 @@ def main(
             multiprocessing.set_start_method("fork", force=True)
         telemetry.set_sink(channel.send_event)
     except BaseException:
-        channel.send(("startup_error", rank, traceback.format_exc()))
+        channel.send(StartupError(rank, traceback.format_exc()))
         os._exit(1)
 
     channel.send(
-        (
-            "ready",
+        Ready(
             rank,
             {
                 "pid": os.getpid(),
@@ -342,9 +343,8 @@ def main(
         task = tasks.get()
         if task is None:
             break
-        job_id, payload = task
         try:
-            status, out = _run_task(job_id, payload, rank, channel, state)
+            status, out = _run_task(task.job_id, task.payload, rank, channel, state)
         except BaseException as exc:  # noqa: BLE001 - a bug here must still answer the parent
             status, out = (
                 "error",
@@ -355,7 +355,7 @@ def main(
                     "exception": None,
                 },
             )
-        channel.send(("result", job_id, rank, status, out, _sequence_number()))
+        channel.send(Result(task.job_id, rank, status, out, _sequence_number()))
     # Skip interpreter teardown: nothing to flush, and a peer may already be gone.
     os._exit(0)
 
