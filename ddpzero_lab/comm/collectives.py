@@ -12,7 +12,7 @@ form), `send`, `recv`, `barrier`. Each has torch.distributed's signature plus an
   * numbers the op: `seq` counts this rank's ops on the op's process group, from 1, in call
     order, point-to-point included (as torch's own per-group sequence number does), so the
     k-th op of one rank is meant to meet the k-th op of the others;
-  * keeps the flight record (`cluster/flight.py`): which op the rank waits in, since when,
+  * keeps the flight record (`flight.py`): which op the rank waits in, since when,
     and the last one it left, so that the cluster can say who waits where when a job hangs.
 
 An async call (`async_op=True`) returns a handle whose `wait()` completes the measurement:
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .. import telemetry
-from ..cluster import flight
+from . import flight
 from .cost_model import traffic_model
 
 _FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
