@@ -57,19 +57,25 @@ class _Ring:
     def exchange(self, outgoing: torch.Tensor, incoming: torch.Tensor) -> None:
         """Send `outgoing` to the right while receiving `incoming` from the left.
 
-        Both at once (isend, then recv): if every rank sent first and received after, each
-        would wait for a neighbour that is itself still sending. An empty chunk is not sent
-        at all; the neighbour knows its size too and does not wait for it.
+        Both are posted together (`batch_isend_irecv`), then both are waited for: if every rank
+        sent first and received after, each would wait for a neighbour that is itself still
+        sending, which deadlocks a transport that hands large messages over only once the
+        receiver is ready (a rendezvous protocol). An empty chunk is not sent at all; the
+        neighbour knows its size too and does not wait for it.
         """
-        request = None
+        ops = []
         if outgoing.numel():
-            request = dist.isend(outgoing, self.right, group=self.group)
+            ops.append(dist.P2POp(dist.isend, outgoing, self.right, group=self.group))
         if incoming.numel():
-            dist.recv(incoming, self.left, group=self.group)
-            self.recv += incoming.numel() * incoming.element_size()
-        if request is not None:
+            ops.append(dist.P2POp(dist.irecv, incoming, self.left, group=self.group))
+        if not ops:
+            return
+        for request in dist.batch_isend_irecv(ops):
             request.wait()
+        if outgoing.numel():
             self.sent += outgoing.numel() * outgoing.element_size()
+        if incoming.numel():
+            self.recv += incoming.numel() * incoming.element_size()
 
 
 def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
