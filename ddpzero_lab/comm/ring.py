@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from . import collectives
 from .collectives import _check_pair, _check_tensor, _group_info
@@ -63,11 +64,12 @@ class _Ring:
         receiver is ready (a rendezvous protocol). An empty chunk is not sent at all; the
         neighbour knows its size too and does not wait for it.
         """
+        # P2POp accepts only torch's own isend / irecv (by identity), wherever dist.isend points
         ops = []
         if outgoing.numel():
-            ops.append(dist.P2POp(dist.isend, outgoing, self.right, group=self.group))
+            ops.append(dist.P2POp(distributed_c10d.isend, outgoing, self.right, group=self.group))
         if incoming.numel():
-            ops.append(dist.P2POp(dist.irecv, incoming, self.left, group=self.group))
+            ops.append(dist.P2POp(distributed_c10d.irecv, incoming, self.left, group=self.group))
         if not ops:
             return
         for request in dist.batch_isend_irecv(ops):
