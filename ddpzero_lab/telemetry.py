@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from collections import deque
@@ -195,12 +196,14 @@ class JsonlSink:
 def record_jsonl(path: str | Path = "events-rank{rank}.jsonl") -> JsonlSink:
     """Send this process's events to a JSON-lines file and return its sink.
 
-    `{rank}` in `path` is replaced by this process's rank, so the same line on every rank of a
-    torchrun job writes one file per rank; call it after the process group exists. Stop with
+    `{rank}` in `path` is replaced by this process's rank (torchrun's RANK, else the process
+    group's), so the same line on every rank of a torchrun job writes one file per rank. Stop with
     `set_sink(None)` (which closes the file). Inside a LiveCluster job the cluster's own sink
     already keeps the events (`job.save_events`); this replaces it for the rest of the job.
     """
-    sink = JsonlSink(str(path).format(rank=_default_rank()))
+    # torchrun sets RANK before the process group exists; elsewhere the rank source knows it
+    rank = int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else _default_rank()
+    sink = JsonlSink(str(path).format(rank=rank))
     set_sink(sink)
     return sink
 

@@ -268,8 +268,11 @@ def flush_gpu_timing() -> int:
         _gpu_pending.clear()
     if not pending:
         return 0
-    clock = GpuClock.now(pending[-1][7].device)
+    clocks: dict[Any, GpuClock] = {}  # one anchor per device: events time only their own
     for op, nbytes, sent, recv, tag, seq, extra, gpu, host_start, host_end in pending:
+        clock = clocks.get(gpu.device)
+        if clock is None:
+            clock = clocks[gpu.device] = GpuClock.now(gpu.device)
         gpu.ended.synchronize()
         start, end = clock.to_host(gpu.launched), clock.to_host(gpu.ended)
         waited = clock.to_host(gpu.waited) if gpu.waited is not None else start

@@ -80,6 +80,12 @@ class _Ring:
             self.recv += incoming.numel() * incoming.element_size()
 
 
+def _launch_times(tensor: torch.Tensor) -> dict:
+    """On a GPU a ring's host times are launch times (NCCL's wait() does not block the host):
+    its event says so. comm's own ops are timed with CUDA events there instead."""
+    return {"timing": "host"} if tensor.is_cuda else {}
+
+
 def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1)
 
@@ -116,6 +122,7 @@ def ring_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, tag=None):
         start,
         time.time(),
         tag,
+        **_launch_times(tensor),
     )
 
 
@@ -150,6 +157,7 @@ def ring_reduce_scatter(output, input, op=dist.ReduceOp.SUM, group=None, tag=Non
         start,
         time.time(),
         tag,
+        **_launch_times(input),
     )
 
 
@@ -173,4 +181,5 @@ def ring_all_gather(output, input, group=None, tag=None):
         start,
         time.time(),
         tag,
+        **_launch_times(output),
     )
