@@ -27,7 +27,8 @@ counted when it completes as on the CPU; its `seconds` and its `collective` even
 `timing="cuda_event"`, and the launch times as `host_start`/`host_end`) wait until its events
 are converted to the host clock, once per step (when a `step` event is emitted, whose `comm_s`
 and `exposed_comm_s` they then replace: see `_amend_step`), or when `traffic()` or
-`flush_gpu_timing()` is called. CPU and gloo ops are timed by the host as before. The counters hold
+`flush_gpu_timing()` is called; reading an op's events waits for that op to end on the GPU.
+CPU and gloo ops are timed by the host as before. The counters hold
 the *model's* bytes of the op asked for, also when a fallback ran (the event says which), so
 that lesson figures compare with the formulas; `ring.py` measures real bytes of its own rings.
 
@@ -219,6 +220,21 @@ class GpuClock:
         return self.host_time - event.elapsed_time(self.anchor) / 1e3
 
 
+# One anchor per device (events time only their own device's), made again after
+# _CLOCK_REFRESH_S: making one waits for the device's current stream to drain, which a step
+# should not pay for each time; between anchors the GPU's and the host's clocks drift apart by
+# parts per million, microseconds over the refresh period.
+_clocks: dict[Any, GpuClock] = {}
+_CLOCK_REFRESH_S = 10.0
+
+
+def _clock_for(device) -> GpuClock:
+    clock = _clocks.get(device)
+    if clock is None or time.time() - clock.host_time > _CLOCK_REFRESH_S:
+        clock = _clocks[device] = GpuClock.now(device)
+    return clock
+
+
 def _union_seconds(intervals) -> float:
     """The length of the union of (start, end) intervals."""
     total, cursor = 0.0, float("-inf")
@@ -268,12 +284,9 @@ def flush_gpu_timing() -> int:
         _gpu_pending.clear()
     if not pending:
         return 0
-    clocks: dict[Any, GpuClock] = {}  # one anchor per device: events time only their own
     for op, nbytes, sent, recv, tag, seq, extra, gpu, host_start, host_end in pending:
-        clock = clocks.get(gpu.device)
-        if clock is None:
-            clock = clocks[gpu.device] = GpuClock.now(gpu.device)
-        gpu.ended.synchronize()
+        clock = _clock_for(gpu.device)
+        gpu.ended.synchronize()  # waits for this op only, not for the compute queued after it
         start, end = clock.to_host(gpu.launched), clock.to_host(gpu.ended)
         waited = clock.to_host(gpu.waited) if gpu.waited is not None else start
         _count(op, 0, 0, 0, end - start, calls=0)
