@@ -335,6 +335,12 @@ def _training_loop():
     train(TrainConfig(strategy="ddp", steps=2, batch_size=8, eval_samples=16, progress="none"))
 
 
+def _lesson_sweep():
+    from ddpzero_lab.course.lesson_01 import time_all_reduce
+
+    time_all_reduce([4, 64], 1)
+
+
 PATHS = {
     "probe": _probe,
     "doctor": _doctor,
@@ -352,6 +358,7 @@ PATHS = {
     "no_gradients_here": _no_gradients_here,
     "state_dicts": _state_dicts,
     "training_loop": _training_loop,
+    "lesson_01_sweep": _lesson_sweep,  # runs on the ranks of a notebook's cluster
 }
 
 
