@@ -146,14 +146,16 @@ _default_rank: Callable[[], int] = lambda: 0  # noqa: E731 - replaced by the clu
 def set_sink(sink: Callable[[Event], None] | None) -> None:
     """Route this process's events to `sink` (None: back to the process-local ring buffer).
 
-    `set_sink(None)` closes a `JsonlSink` it takes out (the end of a recording). Another sink
-    put in its place leaves it open: faults.py wraps the current sink and restores it later.
+    `set_sink(None)` ends a recording (`record_jsonl`): it closes the file and puts back the
+    sink the recording replaced (a LiveCluster worker's). Another sink put in a recording's
+    place leaves it open: faults.py wraps the current sink and restores it later.
     """
     global _sink
     previous = _sink
     _sink = local_log.append if sink is None else sink
     if sink is None and isinstance(previous, JsonlSink):
         previous.close()
+        _sink = getattr(previous, "replaced", None) or local_log.append
 
 
 def get_sink() -> Callable[[Event], None]:
@@ -166,15 +168,18 @@ class JsonlSink:
     `Job.save_events` writes and `Dashboard.from_events` reads.
 
     Lines are written as they come (a line at a time, flushed): a killed rank leaves every
-    event up to its last whole line. Memory stays flat however long the job runs.
+    event up to its last whole line. Memory stays flat however long the job runs. `forward`,
+    if given, gets every event too (inside a LiveCluster: the sink that ships it to the parent).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, forward: Callable[[Event], None] | None = None) -> None:
         self.path = Path(path)
+        self.forward = forward
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         self._lock = threading.Lock()  # async ops complete on autograd's threads too
         self.written = 0
+        self.replaced: Callable[[Event], None] | None = None  # set by record_jsonl
 
     def __call__(self, event: Event) -> None:
         line = json.dumps({**event.to_dict(), "job": event.job})
@@ -183,6 +188,8 @@ class JsonlSink:
                 return  # closed while another thread emitted: the run is over
             self._file.write(line + "\n")
             self.written += 1
+        if self.forward is not None:
+            self.forward(event)
 
     def close(self) -> None:
         with self._lock:
@@ -197,13 +204,17 @@ def record_jsonl(path: str | Path = "events-rank{rank}.jsonl") -> JsonlSink:
     """Send this process's events to a JSON-lines file and return its sink.
 
     `{rank}` in `path` is replaced by this process's rank (torchrun's RANK, else the process
-    group's), so the same line on every rank of a torchrun job writes one file per rank. Stop with
-    `set_sink(None)` (which closes the file). Inside a LiveCluster job the cluster's own sink
-    already keeps the events (`job.save_events`); this replaces it for the rest of the job.
+    group's), so the same line on every rank of a torchrun job writes one file per rank. Stop
+    with `set_sink(None)`, which closes the file and puts back the sink it replaced. Inside a
+    LiveCluster job the events still reach the parent as well.
     """
     # torchrun sets RANK before the process group exists; elsewhere the rank source knows it
     rank = int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else _default_rank()
-    sink = JsonlSink(str(path).format(rank=rank))
+    previous = _sink
+    # outside a cluster the events are in the file: the ring buffer need not keep them too
+    forward = None if previous == local_log.append else previous
+    sink = JsonlSink(str(path).format(rank=rank), forward=forward)
+    sink.replaced = previous
     set_sink(sink)
     return sink
 

@@ -112,3 +112,23 @@ def test_a_closed_sink_ignores_late_events(tmp_path):
     sink.close()
     sink(make_event("log", {"text": "late"}))  # an autograd thread after the end: no error
     assert (tmp_path / "late.jsonl").read_text().count("\n") == 1 and sink.written == 1
+
+
+def test_a_recording_inside_a_cluster_also_ships_events_and_gives_the_sink_back(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("RANK", raising=False)
+    shipped = []  # stands in for a LiveCluster worker's sink
+    telemetry.set_sink(shipped.append)
+    try:
+        sink = telemetry.record_jsonl(tmp_path / "run-rank{rank}.jsonl")
+        dzl.emit("log", text="recorded and shipped")
+        telemetry.set_sink(None)  # the end of the recording: the worker's sink is back
+        dzl.emit("log", text="shipped")
+    finally:
+        telemetry.set_sink(None)
+    assert [e["text"] for e in shipped] == ["recorded and shipped", "shipped"]
+    assert sink.path == tmp_path / "run-rank0.jsonl"
+    rows = [json.loads(line) for line in sink.path.read_text().splitlines()]
+    assert [row["text"] for row in rows] == ["recorded and shipped"]
+    assert telemetry.get_sink() == telemetry.local_log.append
