@@ -143,6 +143,7 @@ def test_gpu_ops_are_timed_by_their_events_on_the_host_clock():
             step = events[index]
             assert step["timing"] == "cuda_event"
             assert {"host_comm_s", "host_exposed_comm_s"} <= set(step)
+            assert step["launch_times"] == ["compute_s", "forward_start", "backward_end"]
             ops = [e for e in events[previous + 1 : index] if e.get("timing") == "cuda_event"]
             assert ops, (rank, index)
             union, _ = gpu_step_figures([(e["start"], e["end"], e["start"]) for e in ops])

@@ -312,8 +312,9 @@ def flush_gpu_timing() -> int:
 
 def _amend_step(fields: dict[str, Any]) -> dict[str, Any]:
     """A `step` event on a GPU: its ops' CUDA-event times replace the host's launch times in
-    comm_s and exposed_comm_s (kept as host_comm_s and host_exposed_comm_s). On a CPU, no op
-    is pending and the event is left as it is."""
+    comm_s and exposed_comm_s (kept as host_comm_s and host_exposed_comm_s); `launch_times`
+    names the fields that remain host launch times. On a CPU, no op is pending and the event
+    is left as it is."""
     if not _gpu_pending and not _gpu_window:
         return fields
     flush_gpu_timing()
@@ -329,6 +330,10 @@ def _amend_step(fields: dict[str, Any]) -> dict[str, Any]:
     if "exposed_comm_s" in fields:
         amended["host_exposed_comm_s"] = fields["exposed_comm_s"]
     amended.update(comm_s=comm_s, exposed_comm_s=exposed, timing="cuda_event")
+    # the compute figures are still the host's: on a GPU, the times it queued the work
+    amended["launch_times"] = [
+        name for name in ("compute_s", "forward_start", "backward_end") if name in fields
+    ]
     return amended
 
 
