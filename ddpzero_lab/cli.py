@@ -112,8 +112,9 @@ def _rank_and_sum() -> float:
     import torch.distributed as dist
 
     from . import rank
+    from .comm import backend_device
 
-    t = torch.tensor([float(rank())])
+    t = torch.tensor([float(rank())], device=backend_device())  # nccl: a CUDA tensor
     dist.all_reduce(t)
     return t.item()
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: the gpu tests, then a short training of each strategy on the GPUs present
-# (a table of step time, memory per rank and traffic) and the dashboard of the ZeRO-3 run.
+# (a table of step time, memory per rank and traffic; then, per strategy and rank, communication
+# per step timed by CUDA events next to the host's launch-time figures, and the CUDA peak
+# (max_memory_allocated) next to the model state at rest) and the dashboard of the ZeRO-3 run.
 # Under 5 minutes on one GPU. Usage: scripts/gpu_check.sh [OUT_DIR]   (default: gpu_check/)
 set -euo pipefail
 cd "$(dirname "$0")/.."

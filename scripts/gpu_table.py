@@ -1,6 +1,11 @@
 """A short training of each strategy on the GPUs present: step time, model state and CUDA
 memory per rank, traffic per step; the dashboard picture of the ZeRO-3 run.
 
+A second table gives, per strategy and rank, communication per step as CUDA events time it
+(the `step` events' comm_s and exposed_comm_s) next to the host's launch-time figures
+(host_comm_s, host_exposed_comm_s), and the CUDA peak (max_memory_allocated) next to the
+model state at rest.
+
 One GPU: the ranks share it through gloo. One GPU per rank: nccl. Run by scripts/gpu_check.sh.
 
     python scripts/gpu_table.py [--world-size 2] [--steps 10] [--out gpu_check]
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 import ddpzero_lab as dzl
+from ddpzero_lab import telemetry
 
 MB = 1e6
 RUNS = [
@@ -50,6 +56,16 @@ def _train(strategy: str, precision: str, steps: int, warmup: int, width: int, c
     )
     g = torch.Generator(device=device).manual_seed(dzl.rank())
     times = []
+    # the step events this rank emits, read on their way to the parent (which still gets them)
+    step_events: list = []
+    forward = telemetry.get_sink()
+
+    def keep_steps(event) -> None:
+        if event.kind == "step":
+            step_events.append(event)
+        forward(event)
+
+    telemetry.set_sink(keep_steps)
     for step in range(warmup + steps):
         x = torch.randn(64, width, device=device, generator=g)
         y = torch.randint(0, 10, (64,), device=device, generator=g)
@@ -66,8 +82,24 @@ def _train(strategy: str, precision: str, steps: int, warmup: int, width: int, c
         if step >= warmup:
             times.append(time.perf_counter() - start)
         dzl.emit("loss", step=step, loss=loss.item())
+    telemetry.set_sink(forward)
     sent = sum(v["sent"] for v in dzl.traffic().values())
+    timed = [e for e in step_events if e.get("step", -1) >= warmup] or step_events[-1:]
+
+    def per_step(name: str, fallback: str | None = None) -> float:
+        values = [e.get(name, e.get(fallback) if fallback else None) for e in timed]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else float("nan")
+
     return {
+        "rank": dzl.rank(),
+        # on a GPU comm_s / exposed_comm_s are CUDA-event times and the host's launch-time
+        # figures are kept as host_*; without CUDA events the step says nothing of timing
+        "timing": timed[-1].get("timing", "host") if timed else "none",
+        "comm_s": per_step("comm_s"),
+        "exposed_s": per_step("exposed_comm_s"),
+        "host_comm_s": per_step("host_comm_s", "comm_s"),
+        "host_exposed_s": per_step("host_exposed_comm_s", "exposed_comm_s"),
         "psi": psi,
         "step_s": statistics.median(times),
         "state": state,
@@ -125,6 +157,23 @@ def main() -> None:
             f"{parts:>24} {r['cuda_peak'] / MB:>13.0f} {r['sent_per_step'] / MB:>13.1f} "
             f"{r['sent_per_step'] / unit:>18.2f}"
         )
+    print()
+    print("# communication per step (median over the timed steps): CUDA events against the host")
+    print("# clock, which under NCCL sees launch times; CUDA peak against model state at rest")
+    print(
+        f"{'strategy':<8} {'precision':<11} {'rank':>4} {'timing':>10} {'comm ms':>8} "
+        f"{'host':>8} {'exposed ms':>10} {'host':>8} {'state MB':>9} {'CUDA peak MB':>13}"
+    )
+    for strategy, precision, per_rank in rows:
+        for r in per_rank:
+            s = r["state"]
+            state = (s["params"] + s["grads"] + s["optimizer"]) / MB
+            print(
+                f"{strategy:<8} {precision:<11} {r['rank']:>4} {r['timing']:>10} "
+                f"{r['comm_s'] * 1e3:>8.2f} {r['host_comm_s'] * 1e3:>8.2f} "
+                f"{r['exposed_s'] * 1e3:>10.2f} {r['host_exposed_s'] * 1e3:>8.2f} "
+                f"{state:>9.1f} {r['cuda_peak'] / MB:>13.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -34,24 +34,27 @@ def _data(numel, dtype, salt=0):
 
 @contextlib.contextmanager
 def _handed_to_torch():
-    """Tally the bytes the rings really hand to torch's isend and recv, apart from any
+    """Tally the bytes the rings really hand to torch's point-to-point ops (one
+    batch_isend_irecv per step: a send and a receive posted together), apart from any
     counter: the independent measurement the model and the counters are held against."""
-    handed = {"sent": 0, "recv": 0}
-    isend, recv = dist.isend, dist.recv
+    handed = {"sent": 0, "recv": 0, "batches": 0, "unpaired": 0}
+    batch = dist.batch_isend_irecv
 
-    def counting_isend(tensor, *args, **kwargs):
-        handed["sent"] += tensor.numel() * tensor.element_size()
-        return isend(tensor, *args, **kwargs)
+    def counting_batch(ops):
+        handed["batches"] += 1
+        kinds = sorted(op.op.__name__ for op in ops)
+        if kinds != ["irecv", "isend"]:
+            handed["unpaired"] += 1  # an empty chunk on one side: legal, counted apart
+        for op in ops:
+            side = "sent" if op.op.__name__ == "isend" else "recv"
+            handed[side] += op.tensor.numel() * op.tensor.element_size()
+        return batch(ops)
 
-    def counting_recv(tensor, *args, **kwargs):
-        handed["recv"] += tensor.numel() * tensor.element_size()
-        return recv(tensor, *args, **kwargs)
-
-    dist.isend, dist.recv = counting_isend, counting_recv
+    dist.batch_isend_irecv = counting_batch
     try:
         yield handed
     finally:
-        dist.isend, dist.recv = isend, recv
+        dist.batch_isend_irecv = batch
 
 
 def _all_reduce_case(numel, dtype):
@@ -72,6 +75,7 @@ def _all_reduce_case(numel, dtype):
         "counted": (counters["all_reduce"]["sent"], counters["all_reduce"]["recv"]),
         "measured": (counters["ring_all_reduce"]["sent"], counters["ring_all_reduce"]["recv"]),
         "handed": (handed["sent"], handed["recv"]),
+        "batches": (handed["batches"], handed["unpaired"]),
         "bytes": (counters["all_reduce"]["bytes"], counters["ring_all_reduce"]["bytes"]),
         "calls": counters["all_reduce"]["calls"],
     }
@@ -89,6 +93,8 @@ def test_all_reduce_and_ring_all_reduce_match_torch_and_the_model(ncluster, dtyp
             assert out["counted"] == out["model"] == out["handed"], (numel, r, out)
             assert out["measured"] == out["handed"], (numel, r, out)
             assert out["bytes"] == (numel * e, numel * e) and out["calls"] == 1
+            if numel >= n:  # every chunk holds data: each of the 2(N-1) steps posts both together
+                assert out["batches"] == (2 * (n - 1), 0), (numel, r, out)
         # the textbook figure: each rank sends and receives 2(N-1)/N·B when N divides numel
         if numel % n == 0:
             assert all(out["measured"] == (2 * (n - 1) * numel * e // n,) * 2 for out in results)

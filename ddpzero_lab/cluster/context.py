@@ -8,7 +8,6 @@ rank 0 of 1 on the CPU, so the same training code runs in all three places.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,10 +79,9 @@ def device() -> torch.device:
     """The device this rank computes on: its own GPU under nccl, else the CPU."""
     if _context is not None:
         return _context.device
-    dist = _dist()
-    if dist is not None and dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return torch.device("cpu")
+    from ..comm import collectives  # the one rule for where a collective's tensors live
+
+    return collectives.backend_device()
 
 
 class RankState:

@@ -12,11 +12,23 @@ form), `send`, `recv`, `barrier`. Each has torch.distributed's signature plus an
   * numbers the op: `seq` counts this rank's ops on the op's process group, from 1, in call
     order, point-to-point included (as torch's own per-group sequence number does), so the
     k-th op of one rank is meant to meet the k-th op of the others;
-  * keeps the flight record (`cluster/flight.py`): which op the rank waits in, since when,
+  * keeps the flight record (`flight.py`): which op the rank waits in, since when,
     and the last one it left, so that the cluster can say who waits where when a job hangs.
 
 An async call (`async_op=True`) returns a handle whose `wait()` completes the measurement:
-the op is counted, and its seconds run from the call to the end of `wait()`. The counters hold
+the op is counted, and its seconds run from the call to when the op completed.
+
+On a GPU the host's clock cannot time an op: NCCL returns as soon as the op is queued on its
+stream, so host times are launch times. An op on CUDA tensors is timed with CUDA events
+instead: one on the caller's stream just before the op is issued (`launched`: the op cannot
+start before the work queued ahead of it), one on a stream that waits for the op (`ended`),
+and one where the caller's stream starts to wait for it (`waited`). Its calls and bytes are
+counted when it completes as on the CPU; its `seconds` and its `collective` event (with
+`timing="cuda_event"`, and the launch times as `host_start`/`host_end`) wait until its events
+are converted to the host clock, once per step (when a `step` event is emitted, whose `comm_s`
+and `exposed_comm_s` they then replace: see `_amend_step`), or when `traffic()` or
+`flush_gpu_timing()` is called; reading an op's events waits for that op to end on the GPU.
+CPU and gloo ops are timed by the host as before. The counters hold
 the *model's* bytes of the op asked for, also when a fallback ran (the event says which), so
 that lesson figures compare with the formulas; `ring.py` measures real bytes of its own rings.
 
@@ -31,6 +43,7 @@ It does not know about buckets, shards or models: callers pass a tag. `set_fault
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +54,7 @@ import torch
 import torch.distributed as dist
 
 from .. import telemetry
-from ..cluster import flight
-from . import link
+from . import flight, link
 from .cost_model import traffic_model
 
 _FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
@@ -57,13 +69,19 @@ _unsupported: set[tuple[str, torch.dtype, str]] = set()
 
 
 def traffic() -> dict[str, dict[str, float]]:
-    """This rank's counters: {op: {"calls", "bytes", "sent", "recv", "seconds"}} (a copy)."""
+    """This rank's counters: {op: {"calls", "bytes", "sent", "recv", "seconds"}} (a copy).
+
+    On a GPU, ops still waiting for their CUDA events to be read are read first (a sync)."""
+    if _gpu_pending:
+        flush_gpu_timing()
     with _lock:
         return {op: dict(values) for op, values in _counters.items()}
 
 
 def reset_traffic() -> None:
     """Zero this rank's counters."""
+    if _gpu_pending:
+        flush_gpu_timing()
     with _lock:
         _counters.clear()
 
@@ -117,13 +135,7 @@ def record(
     """
     if seq is None:
         seq = next_seq()[0]
-    with _lock:
-        entry = _counters.setdefault(op, dict.fromkeys(_FIELDS, 0))
-        entry["calls"] += 1
-        entry["bytes"] += nbytes
-        entry["sent"] += sent
-        entry["recv"] += recv
-        entry["seconds"] += end - start
+    _count(op, nbytes, sent, recv, end - start)
     telemetry.emit(
         "collective",
         op=op,
@@ -138,16 +150,212 @@ def record(
     )
 
 
+def _count(op: str, nbytes: int, sent: int, recv: int, seconds: float, calls: int = 1) -> None:
+    with _lock:
+        entry = _counters.setdefault(op, dict.fromkeys(_FIELDS, 0))
+        entry["calls"] += calls
+        entry["bytes"] += nbytes
+        entry["sent"] += sent
+        entry["recv"] += recv
+        entry["seconds"] += seconds
+
+
+# --- CUDA-event timing ----------------------------------------------------------------------
+
+
+def _timed_on_gpu(tensor: torch.Tensor) -> bool:
+    """Whether an op on `tensor` is timed with CUDA events (a seam for the CPU tests)."""
+    return tensor.is_cuda
+
+
+def _record_event(device):
+    """A new CUDA event recorded on `device`'s current stream (a seam: the CPU tests hand out
+    fake events here). In a completion callback of a CUDA future the current stream is one
+    that waits for the op (torch runs such callbacks on streams made to wait for the work)."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class GpuTimes:
+    """The CUDA events of one op (see the module docstring): `launched`, `waited`, `ended`."""
+
+    __slots__ = ("device", "launched", "waited", "ended")
+
+    def __init__(self, device=None) -> None:
+        self.device = device
+        self.launched = _record_event(device)
+        self.waited = None
+        self.ended = None
+
+    def mark_waited(self) -> None:
+        if self.waited is None:
+            self.waited = _record_event(self.device)
+
+    def mark_ended(self) -> None:
+        """Record `ended` on the current stream: after a blocking op or a handle's wait() the
+        caller's, which then waits for the op; in the handle's completion callback, a stream
+        that waits for the op. Either way it fires when the op has completed."""
+        if self.ended is None:
+            self.ended = _record_event(self.device)
+
+
+class GpuClock:
+    """Host seconds of CUDA events: an anchor event whose host time is known (it was recorded,
+    then waited for, so that it fired when the host read its clock), and the GPU's elapsed
+    time from any event to it."""
+
+    def __init__(self, anchor, host_time: float) -> None:
+        self.anchor = anchor
+        self.host_time = host_time
+
+    @classmethod
+    def now(cls, device=None) -> GpuClock:
+        anchor = _record_event(device)
+        anchor.synchronize()
+        return cls(anchor, time.time())
+
+    def to_host(self, event) -> float:
+        # elapsed_time is in ms, from `event` to the anchor: positive for an earlier event
+        return self.host_time - event.elapsed_time(self.anchor) / 1e3
+
+
+# One anchor per device (events time only their own device's), made again after
+# _CLOCK_REFRESH_S: making one waits for the device's current stream to drain, which a step
+# should not pay for each time; between anchors the GPU's and the host's clocks drift apart by
+# parts per million, microseconds over the refresh period.
+_clocks: dict[Any, GpuClock] = {}
+_CLOCK_REFRESH_S = 10.0
+
+
+def _clock_for(device) -> GpuClock:
+    clock = _clocks.get(device)
+    if clock is None or time.time() - clock.host_time > _CLOCK_REFRESH_S:
+        clock = _clocks[device] = GpuClock.now(device)
+    return clock
+
+
+def _union_seconds(intervals) -> float:
+    """The length of the union of (start, end) intervals."""
+    total, cursor = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        start = max(start, cursor)
+        if end > start:
+            total += end - start
+            cursor = end
+    return total
+
+
+def gpu_step_figures(window) -> tuple[float, float]:
+    """(comm_s, exposed_comm_s) of a step from its ops' host-clock (start, end, waited) times.
+
+    comm_s is the union of the ops' intervals. An op is exposed from the moment the caller's
+    stream begins to wait for it (`waited`: at once for a blocking op) until it ends: the
+    compute stream stands still then. exposed_comm_s is the union of those stretches.
+    """
+    comm_s = _union_seconds((start, end) for start, end, _ in window)
+    exposed = _union_seconds((max(start, waited), end) for start, end, waited in window)
+    return comm_s, exposed
+
+
+# Ops on CUDA tensors that completed, counted but not yet timed: (op, nbytes, sent, recv, tag,
+# seq, extra, GpuTimes, host start, host end). Read out once per step: a long job keeps few.
+_gpu_pending: list[tuple] = []
+# Host-clock (start, end, waited) of the GPU ops read out since the last step event.
+_gpu_window: list[tuple[float, float, float]] = []
+_GPU_PENDING_CAP = 4096  # read out early past this many (a loop with no step events)
+
+
+def _record_gpu(op, nbytes, sent, recv, tag, seq, extra, gpu: GpuTimes, start, end) -> None:
+    _count(op, nbytes, sent, recv, 0.0)
+    with _lock:
+        _gpu_pending.append((op, nbytes, sent, recv, tag, seq, extra, gpu, start, end))
+        full = len(_gpu_pending) >= _GPU_PENDING_CAP
+    if full:
+        flush_gpu_timing()
+
+
+def flush_gpu_timing() -> int:
+    """Convert the CUDA events of the ops that completed to host seconds, add them to the
+    counters and emit their `collective` events; returns how many ops it read. On a CPU there
+    is nothing to do. Waits for those ops to end on the GPU (they have: they were waited for)."""
+    with _lock:
+        pending = _gpu_pending[:]
+        _gpu_pending.clear()
+    if not pending:
+        return 0
+    for op, nbytes, sent, recv, tag, seq, extra, gpu, host_start, host_end in pending:
+        clock = _clock_for(gpu.device)
+        gpu.ended.synchronize()  # waits for this op only, not for the compute queued after it
+        start, end = clock.to_host(gpu.launched), clock.to_host(gpu.ended)
+        waited = clock.to_host(gpu.waited) if gpu.waited is not None else start
+        _count(op, 0, 0, 0, end - start, calls=0)
+        with _lock:
+            _gpu_window.append((start, end, waited))
+        telemetry.emit(
+            "collective",
+            op=op,
+            bytes=nbytes,
+            sent=sent,
+            recv=recv,
+            start=start,
+            end=end,
+            seq=seq,
+            tag=tag,
+            timing="cuda_event",
+            host_start=host_start,
+            host_end=host_end,
+            **extra,
+        )
+    return len(pending)
+
+
+def _amend_step(fields: dict[str, Any]) -> dict[str, Any]:
+    """A `step` event on a GPU: its ops' CUDA-event times replace the host's launch times in
+    comm_s and exposed_comm_s (kept as host_comm_s and host_exposed_comm_s); `launch_times`
+    names the fields that remain host launch times. On a CPU, no op is pending and the event
+    is left as it is."""
+    if not _gpu_pending and not _gpu_window:
+        return fields
+    flush_gpu_timing()
+    with _lock:
+        window = _gpu_window[:]
+        _gpu_window.clear()
+    if not window:
+        return fields
+    comm_s, exposed = gpu_step_figures(window)
+    amended = dict(fields)
+    if "comm_s" in fields:
+        amended["host_comm_s"] = fields["comm_s"]
+    if "exposed_comm_s" in fields:
+        amended["host_exposed_comm_s"] = fields["exposed_comm_s"]
+    amended.update(comm_s=comm_s, exposed_comm_s=exposed, timing="cuda_event")
+    # the compute figures are still the host's: on a GPU, the times it queued the work
+    amended["launch_times"] = [
+        name for name in ("compute_s", "forward_start", "backward_end") if name in fields
+    ]
+    return amended
+
+
+telemetry.set_amender("step", _amend_step)
+
+
 class TimedWork:
     """The handle of an async op: `wait()` waits for the op, then counts it.
 
     The op's `end` is when it really completed (a callback on the backend's future marks
     it), not when somebody got round to waiting: a timeline then shows how much of the
-    communication backward hid.
+    communication backward hid. On a GPU that callback runs when the op is queued, so there
+    the end is a CUDA event recorded in it, on a stream that waits for the op (`GpuTimes`).
     """
 
     def __init__(
-        self, work, on_done, flight_entry: tuple | None = None, not_before: float | None = None
+        self,
+        work,
+        on_done,
+        flight_entry: tuple | None = None,
+        gpu=None,
+        not_before: float | None = None,
     ) -> None:
         self._work = work
         self._on_done = on_done
@@ -155,6 +363,7 @@ class TimedWork:
         self._not_before = not_before  # an emulated link's completion time (link.py)
         # (op, seq, tag, group, peer): what the flight record says this rank waits in
         self._flight_entry = flight_entry
+        self._gpu = gpu
         self.completed_at: float | None = None
         if work is not None:
             try:
@@ -164,9 +373,13 @@ class TimedWork:
 
     def _mark(self, _future) -> None:
         self.completed_at = time.time()
+        if self._gpu is not None:
+            self._gpu.mark_ended()
 
     def wait(self, timeout=None) -> bool:
         if self._work is not None:
+            if self._gpu is not None:
+                self._gpu.mark_waited()  # the caller's stream stands still from here
             rec = flight.recorder if self._flight_entry is not None else None
             if rec is not None:
                 rec.entered(*self._flight_entry)
@@ -182,6 +395,10 @@ class TimedWork:
                 raise
             if rec is not None:
                 rec.left(*self._flight_entry, started)
+        if self._gpu is not None:
+            # no future callback ran: after wait() the caller's stream waits for the op
+            self._gpu.mark_waited()
+            self._gpu.mark_ended()
         real_end = self.completed_at or time.time()
         if self._not_before is not None:
             link.sleep_until(self._not_before)  # the emulated link is still busy with it
@@ -209,6 +426,20 @@ def _group_info(group) -> tuple[int, int, str]:
             "torch.distributed.init_process_group"
         )
     return dist.get_world_size(group), dist.get_rank(group), dist.get_backend(group)
+
+
+def backend_device(group=None) -> torch.device:
+    """The device a tensor handed to a collective of `group` (None: the default group) must
+    live on: this rank's GPU under nccl (which moves only CUDA tensors), else the CPU.
+
+    Every tensor made only to be communicated (a flag, a mask, a counter, a probe's message)
+    is made here, not on a hard-coded device: tests/test_device_placement.py runs each path
+    that issues a collective with a pretend-NCCL check that refuses tensors made elsewhere.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        index = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(index) if index else torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _check_tensor(name: str, tensor: Any) -> None:
@@ -291,6 +522,7 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
     entry = (op, seq, tag, group_label, peer)
     # A blocking op blocks inside native(); an async one only in its handle's wait().
     rec = flight.recorder if not async_op else None
+    gpu = GpuTimes(tensor.device) if _timed_on_gpu(tensor) else None
     start = time.time()
     emulator = link.current()
     # an emulated link (link.py): the op is done no earlier than the link would finish it
@@ -315,15 +547,24 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
 
     extra = {"fallback": used} if used else {}
 
-    def done(real: float) -> None:
-        if not_before is None:
-            record(op, nbytes, sent, recv, start, real, tag, seq, **extra)
-        else:  # the link's time counts; the real one is kept beside it
-            end = max(real, not_before)
-            record(op, nbytes, sent, recv, start, end, tag, seq, real_end=real, **extra)
+    def done(end: float) -> None:
+        if gpu is not None:
+            _record_gpu(op, nbytes, sent, recv, tag, seq, extra, gpu, start, end)
+        elif not_before is None:
+            record(op, nbytes, sent, recv, start, end, tag, seq, **extra)
+        else:  # the emulated link's time counts; the real end is kept beside it
+            emulated = max(end, not_before)
+            record(op, nbytes, sent, recv, start, emulated, tag, seq, real_end=end, **extra)
 
+    if async_op and work is not None:
+        return TimedWork(work, done, entry, gpu, not_before)
+    if gpu is not None:
+        # a blocking op (or a synchronous fallback): the caller's stream waits from the launch,
+        # and an event recorded on it now fires when the op has ended
+        gpu.waited = gpu.launched
+        gpu.mark_ended()
     if async_op:
-        return TimedWork(work, done, entry, not_before)
+        return TimedWork(None, done, entry, gpu, not_before)
     done(real_end)
     return None
 

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .collectives import _group_info
 from .cost_model import AlphaBeta, fit_alpha_beta
 
@@ -34,11 +35,12 @@ def probe_alpha_beta(sizes=DEFAULT_SIZES, repeats: int = 5, group=None) -> Alpha
     world_size, rank, _ = _group_info(group)
     if world_size == 1:
         return AlphaBeta(0.0, 0.0, _add_seconds_per_byte())
+    device = collectives.backend_device(group)  # nccl moves only CUDA tensors
     peer = dist.get_global_rank(group, 1 - rank) if group is not None and rank < 2 else 1 - rank
     one_way: list[float] = []
     if rank < 2:
         for size in sizes:
-            message = torch.zeros(size, dtype=torch.uint8)
+            message = torch.zeros(size, dtype=torch.uint8, device=device)
             rounds = []
             for _ in range(repeats + 1):  # the first round warms the connection up
                 start = time.perf_counter()
@@ -50,7 +52,7 @@ def probe_alpha_beta(sizes=DEFAULT_SIZES, repeats: int = 5, group=None) -> Alpha
                     dist.send(message, peer, group=group)
                 rounds.append(time.perf_counter() - start)
             one_way.append(statistics.median(rounds[1:]) / 2)
-    fit = torch.zeros(3, dtype=torch.float64)
+    fit = torch.zeros(3, dtype=torch.float64, device=collectives.backend_device(group))
     if rank == 0:
         model = fit_alpha_beta([float(s) for s in sizes], one_way)
         fit[0], fit[1], fit[2] = model.alpha, model.beta, _add_seconds_per_byte()

@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from . import collectives
 from .collectives import _check_pair, _check_tensor, _group_info
@@ -57,19 +58,32 @@ class _Ring:
     def exchange(self, outgoing: torch.Tensor, incoming: torch.Tensor) -> None:
         """Send `outgoing` to the right while receiving `incoming` from the left.
 
-        Both at once (isend, then recv): if every rank sent first and received after, each
-        would wait for a neighbour that is itself still sending. An empty chunk is not sent
-        at all; the neighbour knows its size too and does not wait for it.
+        Both are posted together (`batch_isend_irecv`), then both are waited for: if every rank
+        sent first and received after, each would wait for a neighbour that is itself still
+        sending, which deadlocks a transport that hands large messages over only once the
+        receiver is ready (a rendezvous protocol). An empty chunk is not sent at all; the
+        neighbour knows its size too and does not wait for it.
         """
-        request = None
+        # P2POp accepts only torch's own isend / irecv (by identity), wherever dist.isend points
+        ops = []
         if outgoing.numel():
-            request = dist.isend(outgoing, self.right, group=self.group)
+            ops.append(dist.P2POp(distributed_c10d.isend, outgoing, self.right, group=self.group))
         if incoming.numel():
-            dist.recv(incoming, self.left, group=self.group)
-            self.recv += incoming.numel() * incoming.element_size()
-        if request is not None:
+            ops.append(dist.P2POp(distributed_c10d.irecv, incoming, self.left, group=self.group))
+        if not ops:
+            return
+        for request in dist.batch_isend_irecv(ops):
             request.wait()
+        if outgoing.numel():
             self.sent += outgoing.numel() * outgoing.element_size()
+        if incoming.numel():
+            self.recv += incoming.numel() * incoming.element_size()
+
+
+def _launch_times(tensor: torch.Tensor) -> dict:
+    """On a GPU a ring's host times are launch times (NCCL's wait() does not block the host):
+    its event says so. comm's own ops are timed with CUDA events there instead."""
+    return {"timing": "host"} if tensor.is_cuda else {}
 
 
 def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,6 +122,7 @@ def ring_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, tag=None):
         start,
         time.time(),
         tag,
+        **_launch_times(tensor),
     )
 
 
@@ -142,6 +157,7 @@ def ring_reduce_scatter(output, input, op=dist.ReduceOp.SUM, group=None, tag=Non
         start,
         time.time(),
         tag,
+        **_launch_times(input),
     )
 
 
@@ -165,4 +181,5 @@ def ring_all_gather(output, input, group=None, tag=None):
         start,
         time.time(),
         tag,
+        **_launch_times(output),
     )

@@ -19,7 +19,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, Rectangle
 
-from ..comm import AlphaBeta, fit_alpha_beta
+from ..comm import AlphaBeta, backend_device, fit_alpha_beta
 from .progress import progress
 
 REDUCED = "0.25"  # dark grey: summed over every rank
@@ -242,7 +242,7 @@ def time_all_reduce(numels, repeats) -> list[float]:
     """
     medians = []
     for numel in numels:
-        t = torch.ones(numel)
+        t = torch.ones(numel, device=backend_device())  # nccl moves only CUDA tensors
         dist.all_reduce(t)
         times = []
         for _ in range(repeats):

@@ -405,13 +405,13 @@ class GradScaler:
 def _found_inf(grads: list[torch.Tensor], group=None) -> bool:
     """Whether any of `grads`, on any rank of `group`, holds an inf or NaN: each rank checks
     what it holds (its shards), one all-reduce (MAX) of the flag tells every rank."""
-    device = grads[0].device if grads else torch.device("cpu")
+    from .. import comm
+
+    device = grads[0].device if grads else comm.backend_device(group)
     flags = [torch.logical_not(torch.isfinite(g).all()) for g in grads if g.numel()]
     found = torch.zeros(1, dtype=torch.float32, device=device)
     if flags:  # one flag for all of this rank's gradients, one host sync
         found = torch.stack(flags).any().float().reshape(1)
     if dist.is_available() and dist.is_initialized():
-        from .. import comm
-
         comm.all_reduce(found, op=dist.ReduceOp.MAX, group=group, tag="found_inf")
     return bool(found.item())

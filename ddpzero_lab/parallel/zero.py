@@ -356,7 +356,7 @@ def grad_norm(grads, max_norm: float, group=None, distributed: bool = True) -> f
     ranks' sums when distributed); checks max_norm."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
-    device = grads[0].device if grads else torch.device("cpu")
+    device = grads[0].device if grads else comm.backend_device(group)
     squares = torch.zeros(1, dtype=torch.float64, device=device)
     for g in grads:
         squares += g.detach().double().pow(2).sum()

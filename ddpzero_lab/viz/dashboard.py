@@ -433,8 +433,17 @@ class Dashboard:
 
     @classmethod
     def from_events(cls, source: str | Path | Iterable, **kwargs: Any) -> Dashboard:
-        """A dashboard of a recorded run: a JSON-lines file from `job.save_events(path)`, or
-        an iterable of events."""
+        """A dashboard of a recorded run: a JSON-lines file from `job.save_events(path)`, a
+        list of such files (one per rank, as `telemetry.record_jsonl` writes them under
+        torchrun: merged in time order), or an iterable of events."""
+        if (
+            isinstance(source, (list, tuple))
+            and source
+            and all(isinstance(item, (str, Path)) for item in source)
+        ):
+            events = [event for path in source for event in load_events(path)]
+            events.sort(key=lambda event: event.time)  # stable: one rank's order is kept
+            return cls(**kwargs).feed(events)
         return cls(**kwargs).feed(load_events(source))
 
     # -- the status line ------------------------------------------------------------------------
