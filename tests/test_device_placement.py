@@ -341,7 +341,38 @@ def _lesson_sweep():
     time_all_reduce([4, 64], 1)
 
 
+def _tensor_parallel():
+    from ddpzero_lab.parallel.tensor import TensorParallelMLP
+
+    mlp = TensorParallelMLP(4, 8).to(_device())
+    x = torch.randn(3, 4, device=_device(), requires_grad=True)
+    mlp(x).sum().backward()  # g forward, f backward
+
+
+def _pipeline():
+    from ddpzero_lab.parallel.pipeline import PipelineStage
+
+    stage = PipelineStage(
+        torch.nn.Linear(5, 5).to(_device()), micro_batches=2, loss_fn=torch.nn.functional.mse_loss
+    )
+    x = torch.randn(4, 5, device=_device())
+    stage.step(x if stage.is_first else None, x if stage.is_last else None)
+
+
+def _emulated_link():
+    from ddpzero_lab import comm
+
+    comm.set_link(comm.Link(latency=0.0, bandwidth=1e12))
+    try:
+        _train("zero3", steps=1)
+    finally:
+        comm.set_link(None)
+
+
 PATHS = {
+    "tensor_parallel": _tensor_parallel,
+    "pipeline": _pipeline,
+    "emulated_link": _emulated_link,
     "probe": _probe,
     "doctor": _doctor,
     "comm_ops": _comm_ops,

@@ -153,14 +153,18 @@ class PipelineStage:
         return comm.isend(tensor, self._peer(self.stage + direction), group=self.group, tag=tag)
 
     def _receive(self, shape, tag: str, direction: int, dtype=None) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=dtype or self.dtype)
+        buffer = torch.empty(
+            shape, dtype=dtype or self.dtype, device=comm.backend_device(self.group)
+        )
         comm.recv(buffer, self._peer(self.stage + direction), group=self.group, tag=tag)
         return buffer
 
     def _send_shape(self, shape: torch.Size):
         if len(shape) > _MAX_DIMS:
             raise ValueError(f"activations of more than {_MAX_DIMS} dimensions")
-        header = torch.zeros(_MAX_DIMS + 1, dtype=torch.int64)
+        header = torch.zeros(
+            _MAX_DIMS + 1, dtype=torch.int64, device=comm.backend_device(self.group)
+        )
         header[0] = len(shape)
         header[1 : 1 + len(shape)] = torch.tensor(shape)
         return self._send(header, "pp:shape", +1)
