@@ -63,6 +63,9 @@ class LiveCluster:
     threads_per_rank: torch intra-op threads in each rank, set once at start.
     grace: seconds the other ranks get to finish after one rank failed.
     start_method: "forkserver" (default where available) or "spawn"; "fork" is refused.
+    link: an emulated interconnect for every collective of the workers (comm/link.py): a
+        name such as "nvlink4", "ib-100g:h100" (scaled to this machine's compute), or a
+        dzl.Link; None (the default): real time.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class LiveCluster:
         grace: float = 2.0,
         start_method: str | None = None,
         start_timeout: float = 120.0,
+        link=None,
     ):
         _check_number("world_size", world_size, 1, integer=True)
         cap = os.environ.get("DDPZERO_MAX_WORLD_SIZE")
@@ -109,6 +113,15 @@ class LiveCluster:
         self.grace = float(grace)
         self.start_method = start_method
         self.start_timeout = float(start_timeout)
+        if (
+            link is not None
+            and not isinstance(link, str)
+            and not callable(getattr(link, "spec", None))
+        ):
+            raise TypeError(f"link must be a name like 'nvlink4:h100' or a dzl.Link, got {link!r}")
+        self.link = link
+        # what the workers find in DDPZERO_LINK (a Link travels as its spec)
+        self._link_spec = None if link is None else link if isinstance(link, str) else link.spec()
         self._check_memory(world_size)
         spawn.warn_if_not_loopback(self.backend)
         self._ctx = spawn.start_context(start_method)
@@ -156,6 +169,7 @@ class LiveCluster:
                 threads_per_rank=self.threads_per_rank,
                 start_timeout=self.start_timeout,
                 attach=self._hub.attach,
+                extra_env={"DDPZERO_LINK": self._link_spec} if self._link_spec else None,
             )
         except BaseException:
             # An interrupt (the first start imports torch for seconds) or a failed start:

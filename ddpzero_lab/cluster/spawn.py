@@ -161,6 +161,7 @@ def launch(
     threads_per_rank: int,
     start_timeout: float,
     attach: Callable[[Generation], None],
+    extra_env: dict[str, str] | None = None,
 ) -> list[dict]:
     """Start gen's workers and wait until every rank has joined the process group.
 
@@ -168,7 +169,7 @@ def launch(
     their "ready" messages). Returns each rank's info (pid, device, ...), indexed by rank;
     raises ClusterError, naming the rank, if one could not start."""
     store_path = os.path.join(gen.store_dir, "store")
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     for rank in range(gen.world_size):
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         proc = ctx.Process(

@@ -29,6 +29,7 @@ Accelerators (dense tensor-core FLOP/s): h100 989e12 (bf16), a100 312e12 (bf16),
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -84,13 +85,28 @@ class Link:
 
     @classmethod
     def parse(cls, spec: str | Link) -> Link:
-        """'nvlink4', 'nvlink4:h100' (scaled to this machine) or a Link."""
+        """'nvlink4', 'nvlink4:h100' (scaled to this machine), a Link, or a Link's spec()."""
         if isinstance(spec, Link):
             return spec
         if not isinstance(spec, str):
             raise TypeError(f"a link is a Link or a name like 'nvlink4:h100', got {spec!r}")
+        if spec.startswith("{"):
+            return cls(**json.loads(spec))
         name, _, accelerator = spec.partition(":")
         return cls.preset(name, accelerator or None)
+
+    def spec(self) -> str:
+        """This link as a string (for DDPZERO_LINK and LiveCluster(link=)): Link.parse reads
+        it back exactly, its scale included."""
+        return json.dumps(
+            {
+                "latency": self.latency,
+                "bandwidth": self.bandwidth,
+                "scale": self.scale,
+                "name": self.name,
+                "accelerator": self.accelerator,
+            }
+        )
 
     @property
     def model(self) -> AlphaBeta:
@@ -141,7 +157,8 @@ class Emulator:
             return self._free_at
 
 
-_emulator: Emulator | None = None
+_UNREAD = object()  # DDPZERO_LINK not looked at yet in this process
+_emulator: Emulator | None | object = _UNREAD
 
 
 def set_link(link: str | Link | None) -> Link | None:
@@ -153,6 +170,10 @@ def set_link(link: str | Link | None) -> Link | None:
 
 
 def current() -> Emulator | None:
+    """This rank's emulated link; at first use, the one DDPZERO_LINK names (LiveCluster's
+    `link=` sets it in its workers, torchrun jobs in their environment)."""
+    if _emulator is _UNREAD:
+        set_link(os.environ.get("DDPZERO_LINK") or None)
     return _emulator
 
 
@@ -163,7 +184,3 @@ def sleep_until(deadline: float) -> None:
         if left <= 0:
             return
         time.sleep(left)
-
-
-if os.environ.get("DDPZERO_LINK"):  # a torchrun job or a cluster's workers: set at import
-    set_link(os.environ["DDPZERO_LINK"])
