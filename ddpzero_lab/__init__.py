@@ -23,6 +23,7 @@ from .parallel import (
     full_grads,
     full_state_dict,
     fully_shard,
+    mesh,
     parallelize,
     strategy_of,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "full_grads",
     "full_state_dict",
     "fully_shard",
+    "mesh",
     "model_state_bytes",
     "parallelize",
     "profile_step",

@@ -16,6 +16,7 @@ from .collectives import (
     reset_traffic,
     send,
     traffic,
+    traffic_by_group,
 )
 from .cost_model import AlphaBeta, chunk_numels, fit_alpha_beta, traffic_model
 from .link import Link, compute_rate, set_link
@@ -47,6 +48,7 @@ __all__ = [
     "ring_reduce_scatter",
     "send",
     "traffic",
+    "traffic_by_group",
     "traffic_model",
     "wire",
 ]

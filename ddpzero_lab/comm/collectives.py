@@ -60,6 +60,8 @@ from .cost_model import traffic_model
 _FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
 _lock = threading.Lock()
 _counters: dict[str, dict[str, float]] = {}
+# The same, per process group ("world" or the group's ranks, e.g. "0,2"): a mesh's groups.
+_by_group: dict[str, dict[str, dict[str, float]]] = {}
 # Per process group: (a counter of its ops, its ranks as the flight record names them).
 _sequences: dict[Any, tuple[Any, str]] = {}
 # Set by ddpzero_lab.faults while a fault on ops is armed: hook(op, tag, async_op, issue).
@@ -78,12 +80,23 @@ def traffic() -> dict[str, dict[str, float]]:
         return {op: dict(values) for op, values in _counters.items()}
 
 
+def traffic_by_group() -> dict[str, dict[str, dict[str, float]]]:
+    """This rank's counters per process group: {"world" or the group's ranks ("0,2"): {op:
+    {"calls", "bytes", "sent", "recv", "seconds"}}} (a copy): a mesh's data- and
+    tensor-parallel traffic apart."""
+    if _gpu_pending:
+        flush_gpu_timing()
+    with _lock:
+        return {g: {op: dict(v) for op, v in ops.items()} for g, ops in _by_group.items()}
+
+
 def reset_traffic() -> None:
     """Zero this rank's counters."""
     if _gpu_pending:
         flush_gpu_timing()
     with _lock:
         _counters.clear()
+        _by_group.clear()
 
 
 def next_seq(group=None) -> tuple[int, str]:
@@ -135,7 +148,7 @@ def record(
     """
     if seq is None:
         seq = next_seq()[0]
-    _count(op, nbytes, sent, recv, end - start)
+    _count(op, nbytes, sent, recv, end - start, group=extra.get("group", ""))
     telemetry.emit(
         "collective",
         op=op,
@@ -150,14 +163,17 @@ def record(
     )
 
 
-def _count(op: str, nbytes: int, sent: int, recv: int, seconds: float, calls: int = 1) -> None:
+def _count(
+    op: str, nbytes: int, sent: int, recv: int, seconds: float, calls: int = 1, group: str = ""
+) -> None:
     with _lock:
-        entry = _counters.setdefault(op, dict.fromkeys(_FIELDS, 0))
-        entry["calls"] += calls
-        entry["bytes"] += nbytes
-        entry["sent"] += sent
-        entry["recv"] += recv
-        entry["seconds"] += seconds
+        for table in (_counters, _by_group.setdefault(group or "world", {})):
+            entry = table.setdefault(op, dict.fromkeys(_FIELDS, 0))
+            entry["calls"] += calls
+            entry["bytes"] += nbytes
+            entry["sent"] += sent
+            entry["recv"] += recv
+            entry["seconds"] += seconds
 
 
 # --- CUDA-event timing ----------------------------------------------------------------------
@@ -267,7 +283,7 @@ _GPU_PENDING_CAP = 4096  # read out early past this many (a loop with no step ev
 
 
 def _record_gpu(op, nbytes, sent, recv, tag, seq, extra, gpu: GpuTimes, start, end) -> None:
-    _count(op, nbytes, sent, recv, 0.0)
+    _count(op, nbytes, sent, recv, 0.0, group=extra.get("group", ""))
     with _lock:
         _gpu_pending.append((op, nbytes, sent, recv, tag, seq, extra, gpu, start, end))
         full = len(_gpu_pending) >= _GPU_PENDING_CAP
@@ -289,7 +305,7 @@ def flush_gpu_timing() -> int:
         gpu.ended.synchronize()  # waits for this op only, not for the compute queued after it
         start, end = clock.to_host(gpu.launched), clock.to_host(gpu.ended)
         waited = clock.to_host(gpu.waited) if gpu.waited is not None else start
-        _count(op, 0, 0, 0, end - start, calls=0)
+        _count(op, 0, 0, 0, end - start, calls=0, group=extra.get("group", ""))
         with _lock:
             _gpu_window.append((start, end, waited))
         telemetry.emit(
@@ -546,6 +562,8 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
         rec.left(*entry, start)
 
     extra = {"fallback": used} if used else {}
+    if group_label:
+        extra["group"] = group_label  # counted per group too (traffic_by_group)
 
     def done(end: float) -> None:
         if gpu is not None:

@@ -2,6 +2,7 @@
 
 from .api import STRATEGIES, clip_grad_norm_, full_state_dict, parallelize
 from .ddp import DDP
+from .mesh import Mesh, mesh
 from .param_server import ParameterServerOptimizer, message_bytes
 from .precision import GradScaler, MixedPrecisionPolicy
 from .strategy import Strategy, strategy_of
@@ -23,6 +24,8 @@ __all__ = [
     "ParameterServerOptimizer",
     "message_bytes",
     "parallelize",
+    "Mesh",
+    "mesh",
     "Strategy",
     "strategy_of",
 ]
