@@ -151,3 +151,40 @@ def _bad_options():
 def test_bad_options_are_refused(ppcluster):
     for messages in ppcluster.run(_bad_options):
         assert len(messages) == 2
+
+
+def _ours_and_torchs(schedule: str):
+    from torch.distributed.pipelining import PipelineStage as TorchStage
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    rank, stages = dzl.rank(), dzl.world_size()
+    ours = _my_layers(_full_model(), rank, stages)
+    theirs = _my_layers(_full_model(), rank, stages)
+    stage = PipelineStage(
+        ours, micro_batches=MICRO, schedule=schedule, loss_fn=nn.functional.mse_loss
+    )
+    torch_stage = TorchStage(theirs, rank, stages, torch.device("cpu"))
+    kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    # torch's schedules average the micro-batches' losses (scale_grads): as ours divides by m
+    torch_schedule = kind(torch_stage, MICRO, loss_fn=nn.functional.mse_loss)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, theirs)]
+    for step in range(STEPS):
+        x, y = _data(step)
+        stage.step(x if stage.is_first else None, y if stage.is_last else None)
+        if stage.is_first:
+            torch_schedule.step(x)
+        elif stage.is_last:
+            torch_schedule.step(target=y)
+        else:
+            torch_schedule.step()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    return ours.state_dict(), theirs.state_dict()
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_trains_as_torchs_schedule_gpipe_and_schedule_1f1b(ppcluster, schedule):
+    for ours, theirs in ppcluster.run(_ours_and_torchs, schedule):
+        for name, value in theirs.items():
+            torch.testing.assert_close(ours[name], value, rtol=0, atol=ATOL, msg=name)
