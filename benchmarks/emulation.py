@@ -6,7 +6,9 @@
    the emulator may only add, so the ratio is >= 1 where the real transfer is shorter).
 2. Projection error: one step of an MLP (4.2 M parameters, AdamW, batch 64 per rank) under
    each strategy on an emulated link, the median of `--steps` steps (slowest rank), against
-   `ddpzero_lab.projection.project_one` fed with `profile_step` measured in the same job.
+   `ddpzero_lab.projection.project_one` fed with `profile_step` measured in the same job; on a
+   50 MB/s link (communication-bound) and a 1 GB/s one (compute-bound: there the strategies'
+   own work, hooks and copies the profile does not see, shows as error).
 
     python benchmarks/emulation.py [--repeats 5] [--steps 6] [--world-sizes 2 3 4]
 """
@@ -28,6 +30,12 @@ from ddpzero_lab.comm.link import Link
 from ddpzero_lab.projection import profile_step, project_one
 
 LINK = Link(latency=1e-4, bandwidth=1e9, name="1 GB/s, 100 µs")
+# the projection on two links: one where communication dominates the step, one where compute
+# does (the profile sees plain compute, not the strategies' own hooks and copies)
+PROJECTION_LINKS = (
+    Link(latency=1e-4, bandwidth=5e7, name="50 MB/s"),
+    Link(latency=1e-4, bandwidth=1e9, name="1 GB/s"),
+)
 SIZES = [4 * 1024, 256 * 1024, 4 * 1024 * 1024, 64 * 1024 * 1024]
 OPS = ("all_reduce", "reduce_scatter", "all_gather")
 
@@ -72,12 +80,12 @@ def _batch():
     return torch.randn(64, 1024), torch.randn(64, 10)
 
 
-def _step_error(strategy: str, steps: int) -> tuple[float, float]:
+def _step_error(strategy: str, steps: int, link: Link) -> tuple[float, float]:
     profile = profile_step(_model(), _batch, steps=steps)
     model, opt = dzl.parallelize(
         _model(), strategy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), track_memory=False
     )
-    dzl.set_link(LINK)
+    dzl.set_link(link)
     times = []
     try:
         for _ in range(steps + 1):
@@ -92,7 +100,7 @@ def _step_error(strategy: str, steps: int) -> tuple[float, float]:
         dzl.set_link(None)
     took = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
     dist.all_reduce(took, op=dist.ReduceOp.MAX)
-    return took.item(), project_one(profile, strategy, dzl.world_size(), LINK).step_s
+    return took.item(), project_one(profile, strategy, dzl.world_size(), link).step_s
 
 
 def _spread(values) -> str:
@@ -115,15 +123,16 @@ def main() -> None:
             cells = "".join(f"{_spread(ratios[(op, s)]):>23}" for s in SIZES)
             print(f"{n:>3} {op:<15}{cells}")
     print("\n# 2. projection against the emulated live cluster (step time, slowest rank)")
-    print(f"{'N':>3} {'strategy':<9} {'measured':>10} {'projected':>10} {'error':>8}")
-    for n in args.world_sizes:
-        with dzl.LiveCluster(n, timeout=300.0) as cluster:
-            for strategy in ("ddp", "zero1", "zero2", "zero3"):
-                measured, projected = cluster.run(_step_error, strategy, args.steps)[0]
-                print(
-                    f"{n:>3} {strategy:<9} {measured * 1e3:>8.1f}ms {projected * 1e3:>8.1f}ms "
-                    f"{projected / measured - 1:>+7.1%}"
-                )
+    print(f"{'link':<9} {'N':>3} {'strategy':<9} {'measured':>10} {'projected':>10} {'error':>8}")
+    for link in PROJECTION_LINKS:
+        for n in args.world_sizes:
+            with dzl.LiveCluster(n, timeout=300.0) as cluster:
+                for strategy in ("ddp", "zero1", "zero2", "zero3"):
+                    measured, projected = cluster.run(_step_error, strategy, args.steps, link)[0]
+                    print(
+                        f"{link.name:<9} {n:>3} {strategy:<9} {measured * 1e3:>8.1f}ms "
+                        f"{projected * 1e3:>8.1f}ms {projected / measured - 1:>+7.1%}"
+                    )
 
 
 if __name__ == "__main__":

@@ -89,3 +89,48 @@ def test_profile_step_measures_every_unit_of_a_model_here():
     assert profile.num_params == sum(p.numel() for p in model.parameters())
     assert all(u.forward_s > 0 and u.backward_s > 0 for u in profile.units)
     assert profile.optimizer_s > 0
+
+
+def _model():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(3):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(512, 10))
+
+
+def _batch():
+    return torch.randn(32, 512), torch.randn(32, 10)
+
+
+def _measured_and_projected(strategy: str):
+    import time
+
+    import torch.distributed as dist
+
+    link = Link(latency=1e-4, bandwidth=2.5e7)  # communication dominates the step
+    profile = profile_step(_model(), _batch, steps=3)
+    model, opt = dzl.parallelize(
+        _model(), strategy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), track_memory=False
+    )
+    dzl.set_link(link)
+    times = []
+    try:
+        for _ in range(4):
+            x, y = _batch()
+            dist.barrier()
+            start = time.perf_counter()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - start)
+    finally:
+        dzl.set_link(None)
+    return sorted(times[1:])[1], project_one(profile, strategy, dzl.world_size(), link).step_s
+
+
+def test_the_projection_agrees_with_emulated_runs_of_the_live_cluster():
+    with dzl.LiveCluster(world_size=2, timeout=60.0) as cluster:
+        for strategy in ("ddp", "zero1", "zero2", "zero3"):
+            measured, projected = max(cluster.run(_measured_and_projected, strategy))
+            assert abs(projected / measured - 1) <= 0.15, (strategy, measured, projected)
