@@ -89,12 +89,15 @@ def test_flight_record_round_trip_and_wording(tmp_path):
 def test_recording_costs_microseconds(tmp_path):
     rec = flight.FlightRecorder(str(tmp_path / "rank0.flight"))
     rec.job_started(1)
-    start = time.perf_counter()
-    for seq in range(1, 5001):
-        rec.entered("all_reduce", seq, "bucket0", "", None)
-        rec.left("all_reduce", seq, "bucket0", "", None, 0.0)
-    per_op = (time.perf_counter() - start) / 5000
-    assert per_op < 100e-6, f"{per_op * 1e6:.1f} us per op"  # a gloo op takes 50 us or more
+    per_op = []
+    for repeat in range(5):  # the best of five: a busy machine only ever adds time
+        start = time.perf_counter()
+        for seq in range(1 + 1000 * repeat, 1001 + 1000 * repeat):
+            rec.entered("all_reduce", seq, "bucket0", "", None)
+            rec.left("all_reduce", seq, "bucket0", "", None, 0.0)
+        per_op.append((time.perf_counter() - start) / 1000)
+    best = min(per_op)
+    assert best < 100e-6, f"{best * 1e6:.1f} us per op"  # a gloo op takes 50 us or more
 
 
 # --- numbering ---------------------------------------------------------------------------------
