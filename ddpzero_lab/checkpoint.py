@@ -63,6 +63,18 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _refuse_hybrid_sharding(model: nn.Module, optimizer) -> None:
+    record = strategy_of(model)
+    for owner in (optimizer, record.engine if record is not None else None):
+        reducer = getattr(owner, "reducer", None)
+        if getattr(reducer, "replicate_group", None) is not None:
+            raise CheckpointError(
+                "checkpoints of hybrid sharding (replicate_group=) are not written here: "
+                "every replica holds the same shards, and the format has one writer per "
+                "piece; save dzl.full_state_dict(model) from one rank instead"
+            )
+
+
 def _groups(model: nn.Module, optimizer) -> list[_Group]:
     module = getattr(model, "module", model)
     names = {id(p): n for n, p in module.named_parameters()}
@@ -202,6 +214,7 @@ def save_checkpoint(
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     json.dumps(extra)  # refuse what the manifest cannot hold, before writing anything
+    _refuse_hybrid_sharding(model, optimizer)
     rank, world_size = _rank_world()
     module = getattr(model, "module", model)
     name = f"step-{step:08d}" if step is not None else "checkpoint"
@@ -363,6 +376,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scaler=N
     into `scaler`, if given. `path`: the directory given to save_checkpoint (its latest
     checkpoint) or one checkpoint's directory. Returns {"step", "world_size", "extra"} of
     the checkpoint. Nothing changes if it is refused."""
+    _refuse_hybrid_sharding(model, optimizer)
     manifest, full = read_checkpoint(path)
     if scaler is not None and not manifest.get("scaler"):
         raise CheckpointError(

@@ -109,3 +109,52 @@ def _bad_mesh():
 def test_a_mesh_that_does_not_cover_the_ranks_is_refused(cluster):
     for message in cluster.run(_bad_mesh):
         assert message is not None and "world size" in message
+
+
+def _hybrid(strategy: str):
+    """HSDP: ZeRO within each row of the mesh, the rows replicas of each other, every rank
+    on its own quarter of the batch."""
+    grid = dzl.mesh(dp=2, tp=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, D))
+    model, opt = dzl.parallelize(
+        model,
+        strategy,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        group=grid.tp,  # the shard group: a row
+        replicate_group=grid.dp,  # the replicas: a column
+        track_memory=False,
+    )
+    dzl.reset_traffic()
+    rank = dzl.rank()
+    for step in range(STEPS):
+        x, y = _batch(step, 4)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        opt.step()
+        opt.zero_grad()
+    try:
+        dzl.save_checkpoint(f"/tmp/ddpzero-hsdp-{rank}", model, opt)
+        refused = None
+    except dzl.CheckpointError as exc:
+        refused = str(exc)
+    return dzl.full_state_dict(model), traffic_by_group(), refused
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_hybrid_sharding_equals_one_process(cluster, strategy):
+    up, down = _one_process(4)
+    want = {
+        "0.weight": up.weight,
+        "0.bias": up.bias,
+        "2.weight": down.weight,
+        "2.bias": down.bias,
+    }
+    for state, by_group, refused in cluster.run(_hybrid, strategy):
+        assert refused is not None and "hybrid sharding" in refused
+        for name, value in want.items():
+            torch.testing.assert_close(state[name], value.detach(), rtol=0, atol=ATOL, msg=name)
+        # the shards' gradients reduce-scattered within a row, then averaged down a column
+        rows = [g for g, ops in by_group.items() if "reduce_scatter" in ops]
+        columns = [g for g, ops in by_group.items() if g not in rows and "all_reduce" in ops]
+        assert len(rows) == 1 and len(columns) == 1

@@ -489,11 +489,20 @@ def _check_pair(output: torch.Tensor, input: torch.Tensor, factor_out: int, op: 
         )
 
 
-def _check_peer(name: str, peer: Any, world_size: int, rank: int | None = None) -> None:
-    if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < world_size:
-        raise ValueError(f"{name} must be a rank in 0..{world_size - 1}, got {peer!r}")
-    if rank is not None and peer == rank:
+def _check_peer(name: str, peer: Any, group=None, not_itself: bool = False) -> int:
+    """`peer` is a global rank, as torch.distributed takes it, of a member of `group`;
+    returns its rank within the group."""
+    if group is None:
+        members = list(range(dist.get_world_size()))
+        allowed = f"a rank in 0..{len(members) - 1}"
+    else:
+        members = dist.get_process_group_ranks(group)
+        allowed = f"one of the group's ranks {members}"
+    if isinstance(peer, bool) or not isinstance(peer, int) or peer not in members:
+        raise ValueError(f"{name} must be {allowed}, got {peer!r}")
+    if not_itself and peer == dist.get_rank():
         raise ValueError(f"{name}={peer} is this rank itself: a rank cannot message itself")
+    return members.index(peer)
 
 
 # --- the machinery shared by every wrapper ----------------------------------------------
@@ -641,8 +650,8 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False, tag=Non
 def broadcast(tensor, src, group=None, async_op=False, tag=None):
     """torch.distributed.broadcast, counted (chain model: B per hop)."""
     _check_tensor("tensor", tensor)
-    world_size, _, _ = _group_info(group)
-    _check_peer("src", src, world_size)
+    _group_info(group)
+    root = _check_peer("src", src, group)  # its rank in the group: the chain's start
     return _launch(
         "broadcast",
         tensor,
@@ -652,7 +661,7 @@ def broadcast(tensor, src, group=None, async_op=False, tag=None):
         tag,
         lambda a: dist.broadcast(tensor, src, group=group, async_op=a),
         [("float32", lambda: _via_float32(tensor, lambda t: dist.broadcast(t, src, group)))],
-        src=src,
+        src=root,
     )
 
 
@@ -827,8 +836,8 @@ def all_gather(output, input, group=None, async_op=False, tag=None):
 def _point_to_point(op: str, peer_name: str, call, tensor, peer, group, tag, async_op):
     """send, recv, isend and irecv: the same checks and counting, a different torch call."""
     _check_tensor("tensor", tensor)
-    world_size, rank, _ = _group_info(group)
-    _check_peer(peer_name, peer, world_size, rank)
+    _group_info(group)
+    _check_peer(peer_name, peer, group, not_itself=True)
     return _launch(
         op,
         tensor,

@@ -56,7 +56,10 @@ def parallelize(
                and communication, fp32 master weights and optimizer state; inputs are cast
                to the low dtype and outputs back to fp32 at the model's edges. fp16 needs loss
                scaling: train with dzl.GradScaler (used as torch's GradScaler).
-    options:   ddp: bucket_cap_mb=, ...; zero1/zero2: bucket_cap_mb=, group=; zero3: units=
+    options:   ddp: bucket_cap_mb=, ...; zero1/zero2: bucket_cap_mb=, group=,
+               replicate_group= (hybrid sharding, as FSDP's HSDP: ZeRO within `group`, the
+               shards replicated across `replicate_group`, e.g. a mesh's rows and columns);
+               zero3: units=, replicate_group=
                (a callable (name, module) -> bool choosing the units; default each child of
                the root with parameters), prefetch= (all-gather the next unit while one runs),
                group=; param_server: group=.
@@ -83,10 +86,10 @@ def parallelize(
     if mixed and strategy != "local":
         # the fp32 masters are taken before the cast: take them from rank 0's values, as the
         # strategy would have broadcast them
-        from .group import broadcast_state, check_same_model
+        from .group import check_same_model, start_replicas_alike
 
         check_same_model(module, options.get("group"))
-        broadcast_state([*module.parameters(), *module.buffers()], options.get("group"))
+        start_replicas_alike(module, options.get("group"), options.get("replicate_group"))
     masters = to_compute_dtype(module, policy) if mixed else None
     if mixed:
         register_casts(module, policy)
@@ -122,9 +125,10 @@ def parallelize(
     elif strategy in ("zero1", "zero2"):
         from .zero import ZeroShardedOptimizer
 
-        if set(options) - {"group", "bucket_cap_mb", "reduce_dtype"}:
+        if set(options) - {"group", "bucket_cap_mb", "reduce_dtype", "replicate_group"}:
             raise TypeError(
-                f"strategy {strategy!r} takes group= and bucket_cap_mb=, got {sorted(options)}"
+                f"strategy {strategy!r} takes group=, replicate_group= and bucket_cap_mb=, "
+                f"got {sorted(options)}"
             )
         model = module
         opt = ZeroShardedOptimizer(
@@ -134,9 +138,10 @@ def parallelize(
     elif strategy == "zero3":
         from .zero3 import Zero3, Zero3Optimizer
 
-        if set(options) - {"group", "units", "prefetch"}:
+        if set(options) - {"group", "units", "prefetch", "replicate_group"}:
             raise TypeError(
-                f"strategy 'zero3' takes units=, prefetch= and group=, got {sorted(options)}"
+                "strategy 'zero3' takes units=, prefetch=, group= and replicate_group=, got "
+                f"{sorted(options)}"
             )
         engine = Zero3(module, precision=policy, shard_parameters=False, **options)
         model, opt = module, Zero3Optimizer(engine, optimizer)

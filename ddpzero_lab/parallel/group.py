@@ -62,3 +62,14 @@ def broadcast_state(tensors: list[torch.Tensor], group=None, tag: str = "init") 
             comm.broadcast(flat, src, group=group, tag=tag)
             for t, view in zip(items, layout.views(flat), strict=True):
                 t.copy_(view)
+
+
+def start_replicas_alike(module: nn.Module, group=None, replicate_group=None) -> None:
+    """Give every rank the values of rank 0 of `group`; with hybrid sharding (replicas of the
+    sharded model across `replicate_group`), first across the replicas, so that every shard
+    group starts from the values of the same rank."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if replicate_group is not None:
+        check_same_model(module, replicate_group)
+        broadcast_state(tensors, replicate_group)
+    broadcast_state(tensors, group)

@@ -58,6 +58,7 @@ class Bucket:
         self.low: torch.Tensor | None = None  # a compressed copy in flight (DDP)
         self.reduced = False  # its result is taken (this backward)
         self.grad_shard: torch.Tensor | None = None  # ZeRO: the reduced slice, accumulated
+        self.fresh: torch.Tensor | None = None  # HSDP: this backward's slice, not yet averaged
         self.post_divide = False  # divide the received slice by N, not the bucket before
 
     @property
@@ -81,6 +82,8 @@ class Reducer:
     in_place: reduce-scatter into the bucket's own slice (ZeRO-1: no second gradient buffer).
     find_unused_parameters: False raises when a parameter gets no gradient (torch's DDP
              default); True applies the unused-parameter policy and sends the mask.
+    replicate_group: hybrid sharding (ZeRO within `group`, replicas across this group, as
+             FSDP's HSDP): each reduced slice is all-reduced across the replicas.
     reduce_dtype: communicate in this dtype (a MixedPrecisionPolicy's reduce_dtype: fp16 or
              bf16 gradients summed in fp32), or a callable bucket index -> dtype (ZeRO-3's
              units with policies of their own); None: in the bucket's own dtype.
@@ -99,6 +102,7 @@ class Reducer:
         reduce_dtype: torch.dtype | Callable[[int], torch.dtype | None] | None = None,
         tag: str | Callable[[int], str] = "bucket",  # or bucket index -> its tag
         on_finished: Callable[[float], None] | None = None,
+        replicate_group=None,
     ) -> None:
         if reduce not in REDUCE_OPS:
             raise ValueError(f"reduce must be one of {REDUCE_OPS}, got {reduce!r}")
@@ -115,6 +119,9 @@ class Reducer:
         self.reduce_dtype = reduce_dtype
         self.tag = tag
         self.on_finished = on_finished
+        # hybrid sharding (HSDP): the shards are replicated across this group's ranks, each
+        # replica on other data: the reduced slice is then averaged across the replicas
+        self.replicate_group = replicate_group
         self.enabled = True  # False inside DDP's no_sync()
         self.arrival: list[int] = []  # ids of parameters in the order gradients arrived
         self.record_arrival = False
@@ -327,6 +334,8 @@ class Reducer:
                 self._all_reduce_unused_mask()
             for bucket in self.buckets:
                 self._take_result(bucket)
+            if self.replicate_group is not None:
+                self._average_across_replicas()
             if self.on_finished is not None:
                 self.on_finished(self.backward_end or time.time())
         finally:
@@ -343,6 +352,8 @@ class Reducer:
             device=params[0].device,  # nccl moves only CUDA tensors
         )
         comm.all_reduce(used, group=self.group, tag="unused_mask")
+        if self.replicate_group is not None:  # used by no rank of any replica
+            comm.all_reduce(used, group=self.replicate_group, tag="unused_mask:replicas")
         self.unused = {id(p) for p, u in zip(params, used.tolist(), strict=True) if u == 0}
 
     def _take_result(self, bucket: Bucket) -> None:
@@ -366,14 +377,32 @@ class Reducer:
         bucket.low = None
         if bucket.post_divide:
             incoming.div_(self.world_size)
+        if self.grads == "release":
+            storage.grad = None  # only the shard stays (P_os+g)
+        if self.replicate_group is not None:
+            # HSDP: averaged across the replicas in flush(), in bucket order on every rank
+            # (results are taken here as they complete, an order no two ranks share)
+            bucket.fresh = incoming
+            return
+        self._accumulate(bucket, incoming)
+
+    def _accumulate(self, bucket: Bucket, incoming: torch.Tensor) -> None:
         if self.in_place:
             bucket.grad_shard = incoming  # a view of the bucket: accumulation happens there
         elif bucket.grad_shard is None:
             bucket.grad_shard = incoming
         else:  # gradient accumulation over several backward passes sums, as .grad does
             bucket.grad_shard.add_(incoming)
-        if self.grads == "release":
-            storage.grad = None  # only the shard stays (P_os+g)
+
+    def _average_across_replicas(self) -> None:
+        replicas = dist.get_world_size(self.replicate_group)
+        for bucket in self.buckets:
+            if bucket.fresh is None:
+                continue
+            incoming, bucket.fresh = bucket.fresh, None
+            incoming.div_(replicas)
+            comm.all_reduce(incoming, group=self.replicate_group, tag="grads:replicas")
+            self._accumulate(bucket, incoming)
 
     def _reset_backward(self) -> None:
         for bucket in self.buckets:

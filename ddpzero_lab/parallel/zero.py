@@ -35,7 +35,11 @@ from torch import nn
 
 from .. import comm, telemetry
 from .flat import FlatShards, emit_shard_map, replicated
-from .group import broadcast_state, check_process_group, check_same_model
+from .group import (
+    check_process_group,
+    check_same_model,
+    start_replicas_alike,
+)
 from .reducer import Reducer
 from .wrapper import WrappedOptimizer, claim
 
@@ -93,6 +97,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         group=None,
         masters: list[torch.Tensor] | None = None,
         reduce_dtype: torch.dtype | None = None,
+        replicate_group=None,
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -110,7 +115,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         check_same_model(module, group)
-        broadcast_state([*module.parameters(), *module.buffers()], group)
+        start_replicas_alike(module, group, replicate_group)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the module has no trainable parameters (requires_grad=True)")
@@ -155,6 +160,7 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
             in_place=stage == 1,
             reduce_dtype=reduce_dtype,
             tag="grads",
+            replicate_group=replicate_group,
         )
         self._reduced = False  # stage 1: gradients already reduced (by clipping)
         self._steps = 0

@@ -44,7 +44,7 @@ from torch import nn
 
 from .. import comm
 from .flat import FlatShards, emit_shard_map
-from .group import broadcast_state, check_process_group, check_same_model
+from .group import check_process_group, check_same_model, start_replicas_alike
 from .precision import MixedPrecisionPolicy, as_policy, cast_at_edges, register_casts
 from .reducer import Reducer, tensors_in
 from .strategy import Strategy, attach, detach, strategy_of
@@ -207,6 +207,7 @@ class Zero3:
         precision: str | MixedPrecisionPolicy | None = "fp32",
         group=None,
         shard_parameters: bool = True,
+        replicate_group=None,
     ) -> None:
         check_process_group("ZeRO-3")
         if units is not None and not callable(units):
@@ -235,7 +236,7 @@ class Zero3:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         check_same_model(module, group)
-        broadcast_state([*module.parameters(), *module.buffers()], group)
+        start_replicas_alike(module, group, replicate_group)
         params = list(module.parameters())
         self._original_dtypes = {id(p): p.dtype for p in params}
         if any(not p.is_floating_point() for p in params):
@@ -266,6 +267,7 @@ class Zero3:
             reduce_dtype=lambda index: self._reduce_dtype(trainable[index]),
             tag=lambda index: f"grads:{trainable[index].unit}",  # a hang names the unit
             on_finished=self._end_of_backward,
+            replicate_group=replicate_group,
         )
         for flat, bucket in zip(trainable, self.reducer.buckets, strict=True):
             flat.reduced = bucket
