@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ddpzero_lab as dzl
+from ddpzero_lab.comm.link import Link
 from ddpzero_lab.parallel.pipeline import PipelineStage, bubble_fraction, ideal_bubble
 
 WIDTH, LAYERS, BATCH, MICRO, STEPS = 6, 4, 12, 4, 3
@@ -121,7 +122,12 @@ def _bubble(schedule: str, micro: int):
     x, y = torch.randn(micro, 4), torch.randn(micro, 4)
     stage.step(x if stage.is_first else None, y if stage.is_last else None)  # warm-up
     dist.barrier()
-    out = stage.step(x if stage.is_first else None, y if stage.is_last else None)
+    # messages on an emulated link (10 GB/s, 10 µs), as between the GPUs of a node
+    dzl.set_link(Link(latency=1e-5, bandwidth=1e10))
+    try:
+        out = stage.step(x if stage.is_first else None, y if stage.is_last else None)
+    finally:
+        dzl.set_link(None)
     # the step lasts until its last stage is done: every stage's bubble is against that
     step = torch.tensor([out["seconds"]], dtype=torch.float64)
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
