@@ -121,17 +121,20 @@ def _bubble(schedule: str, micro: int):
     )
     x, y = torch.randn(micro, 4), torch.randn(micro, 4)
     stage.step(x if stage.is_first else None, y if stage.is_last else None)  # warm-up
-    dist.barrier()
     # messages on an emulated link (10 GB/s, 10 µs), as between the GPUs of a node
     dzl.set_link(Link(latency=1e-5, bandwidth=1e10))
+    bubbles = []
     try:
-        out = stage.step(x if stage.is_first else None, y if stage.is_last else None)
+        for _ in range(3):  # the median of three steps: a busy machine's late wake-ups vary
+            dist.barrier()
+            out = stage.step(x if stage.is_first else None, y if stage.is_last else None)
+            # the step lasts until its last stage is done: every stage's bubble is against that
+            step = torch.tensor([out["seconds"]], dtype=torch.float64)
+            dist.all_reduce(step, op=dist.ReduceOp.MAX)
+            bubbles.append(bubble_fraction(out["timeline"], step.item()))
     finally:
         dzl.set_link(None)
-    # the step lasts until its last stage is done: every stage's bubble is against that
-    step = torch.tensor([out["seconds"]], dtype=torch.float64)
-    dist.all_reduce(step, op=dist.ReduceOp.MAX)
-    return bubble_fraction(out["timeline"], step.item())
+    return sorted(bubbles)[1]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
