@@ -214,7 +214,8 @@ def draw_bubbles(measured: dict, stages: int) -> None:
             markersize=8,
             label=f"{schedule}, measured",
         )
-    ax.set(xlabel="micro-batches m", ylabel="idle share of the step", ylim=(0, 0.6))
+    top = min(1.0, max([*measured.values(), ideal_bubble(stages, min(ms))]) + 0.1)
+    ax.set(xlabel="micro-batches m", ylabel="idle share of the step", ylim=(0, top))
     ax.set_title(f"the bubble shrinks as m grows (p = {stages})")
     ax.legend(fontsize="small")
     _show(fig)
