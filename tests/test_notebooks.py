@@ -31,8 +31,10 @@ def test_notebook_follows_the_template(path):
 
 
 def test_the_course_keeps_to_its_word_budget():
+    # 16,000 words for the first 14 lessons, 1,500 more per lesson beyond (scripts/course_words.py)
+    budget = 16_000 + 1_500 * max(0, len(NOTEBOOKS) - 14)
     total = sum(course_notebooks.words(course_notebooks.load(p)) for p in NOTEBOOKS)
-    assert total <= 16_000, f"{total:,} words of prose: the budget is 16,000"
+    assert total <= budget, f"{total:,} words of prose: the budget is {budget:,}"
 
 
 def _record_time(name: str, seconds: float) -> None:
