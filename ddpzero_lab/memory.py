@@ -40,9 +40,24 @@ import torch
 from torch import nn
 
 from . import telemetry
-from .parallel.strategy import strategy_of
+from .parallel.strategy import add_memory_probe, remove_memory_probe, strategy_of
 
 CATEGORIES = ("params", "grads", "optimizer", "buffers", "scratch")
+# what a strategy's memory_tensors() may also name: gathered parameters (ZeRO-3's units in
+# full) and communication buffers (buckets, receive buffers); model_state_bytes folds them
+# into params and scratch, the tracker's peak keeps them apart
+_FOLDED = {"gathered": "params", "comm": "scratch"}
+# the tracker's peak, by category: what a rank holds at its worst moment
+PEAK_CATEGORIES = (
+    "params",
+    "grads",
+    "optimizer",
+    "activations",
+    "gathered",
+    "comm",
+    "other",
+)
+PHASES = ("forward", "backward", "step")
 
 
 # --- counting real tensors ---------------------------------------------------------------
@@ -75,10 +90,42 @@ def _strategy_tensors(*owners: Any) -> dict[str, list[torch.Tensor]]:
         provide = getattr(owner, "memory_tensors", None)
         if callable(provide):
             for category, tensors in provide().items():
-                if category not in CATEGORIES:
+                if category not in CATEGORIES and category not in _FOLDED:
                     raise ValueError(f"memory_tensors(): unknown category {category!r}")
                 found.setdefault(category, []).extend(tensors)
     return found
+
+
+def _state_groups(model: nn.Module, optimizer: Any) -> dict[str, list[torch.Tensor]]:
+    """The tensors of each category, strategies' own kept apart ("gathered", "comm")."""
+    module = getattr(model, "module", model)
+    groups: dict[str, list[torch.Tensor]] = {c: [] for c in (*CATEGORIES, *_FOLDED)}
+    groups["params"].extend(module.parameters())
+    groups["grads"].extend(p.grad for p in module.parameters() if p.grad is not None)
+    inner = getattr(optimizer, "optimizer", optimizer)  # wrappers keep the torch optimizer
+    if isinstance(inner, torch.optim.Optimizer):
+        groups["optimizer"].extend(_tensors_in(inner.state))
+    groups["buffers"].extend(module.buffers())
+    for category, tensors in _strategy_tensors(model, optimizer).items():
+        groups[category].extend(tensors)
+    return groups
+
+
+def _count(groups: dict[str, list[torch.Tensor]], order: Iterable[str]) -> dict[str, int]:
+    """Bytes per category, each storage once and in full, the first category in `order` that
+    holds it winning."""
+    seen: set[tuple] = set()
+    totals = {}
+    for category in order:
+        total = 0
+        for t in groups[category]:
+            key = _storage_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        totals[category] = total
+    return totals
 
 
 def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
@@ -90,29 +137,13 @@ def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    module = getattr(model, "module", model)
     record = strategy_of(model)
     if optimizer is None and record is not None:
         optimizer = record.optimizer  # the optimizer parallelize built for this model
-    groups: dict[str, list[torch.Tensor]] = {c: [] for c in CATEGORIES}
-    groups["params"].extend(module.parameters())
-    groups["grads"].extend(p.grad for p in module.parameters() if p.grad is not None)
-    inner = getattr(optimizer, "optimizer", optimizer)  # wrappers keep the torch optimizer
-    if isinstance(inner, torch.optim.Optimizer):
-        groups["optimizer"].extend(_tensors_in(inner.state))
-    groups["buffers"].extend(module.buffers())
-    for category, tensors in _strategy_tensors(model, optimizer).items():
-        groups[category].extend(tensors)
-    seen: set[tuple] = set()
-    totals = dict.fromkeys(CATEGORIES, 0)
-    for category in CATEGORIES:
-        for t in groups[category]:
-            key = _storage_key(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            totals[category] += t.untyped_storage().nbytes()
-    return totals
+    groups = _state_groups(model, optimizer)
+    for category, into in _FOLDED.items():
+        groups[into].extend(groups.pop(category))
+    return _count(groups, CATEGORIES)
 
 
 def optimizer_state_breakdown(optimizer: Any) -> dict[str, int]:
@@ -136,38 +167,108 @@ def optimizer_state_breakdown(optimizer: Any) -> dict[str, int]:
 # --- the tracker ----------------------------------------------------------------------------
 
 
+class _Saved:
+    """A tensor autograd saved for backward, as the tracker's pack hook hands it to autograd:
+    it lives exactly as long as autograd holds it (until its node's backward has run), and
+    gives its bytes back to the count when it goes."""
+
+    __slots__ = ("tensor", "key", "counter")
+
+    def __init__(self, tensor: torch.Tensor, key: int, counter: _ActivationCounter) -> None:
+        self.tensor, self.key, self.counter = tensor, key, counter
+
+    def __del__(self) -> None:
+        self.counter.release(self.key)
+
+
 class _ActivationCounter:
-    """Counts the bytes autograd saves for backward during a forward pass (saved-tensor
-    hooks), each storage once, leaving out parameters (they are model state, not
-    activations)."""
+    """The bytes autograd holds for backward (saved-tensor hooks), each storage once, leaving
+    out model state (parameters, buffers, a strategy's parameter buffers: ZeRO-3 gathers units
+    into them). `live` goes up as forward saves and down as backward frees: the activations
+    alive at any moment, for the price of a dictionary update per saved tensor."""
 
-    def __init__(self, exclude: set[tuple]) -> None:
+    def __init__(self) -> None:
+        self.exclude: set[int] = set()
+        self.refs: dict[int, list[int]] = {}  # storage identity -> [references, bytes]
+        self.live = 0
+        self.saved = 0  # bytes saved since the last forward began, each storage once
+        self._seen: set[int] = set()
+        # tensors a checkpoint's recompute saves (checkpointing.py): counted while alive
+        self.watched: dict[int, tuple[Any, int]] = {}
+
+    def begin_forward(self, exclude: set[int]) -> None:
         self.exclude = exclude
-        self.seen: set[tuple] = set()
-        self.bytes = 0
+        self.saved = 0
+        self._seen = set()
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        # A storage's identity, not its address: ZeRO-3 frees a gathered buffer by resizing
-        # its storage, so an address can come back for another buffer within one forward.
+    def pack(self, t: torch.Tensor):
         key = _storage_identity(t)
-        if key not in self.seen and key not in self.exclude:
-            self.seen.add(key)
-            self.bytes += t.untyped_storage().nbytes()
-        return t
+        if key in self.exclude:
+            return t
+        entry = self.refs.get(key)
+        if entry is None:
+            # the _Saved object keeps the storage alive, so its identity stays unique
+            nbytes = t.untyped_storage().nbytes()
+            self.refs[key] = [1, nbytes]
+            self.live += nbytes
+        else:
+            entry[0] += 1
+        if key not in self._seen:
+            self._seen.add(key)
+            self.saved += self.refs[key][1]
+        return _Saved(t, key, self)
+
+    def watch(self, t: torch.Tensor) -> None:
+        key = _storage_identity(t)
+        if key in self.exclude or key in self.refs or key in self.watched:
+            return
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self.watched[key] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+
+    def alive(self) -> int:
+        """Bytes alive now: what autograd holds, and what recomputes saved and still live."""
+        if self.watched:
+            for key in [k for k, (ref, _) in self.watched.items() if ref.expired()]:
+                del self.watched[key]
+        return self.live + sum(n for _, n in self.watched.values())
 
     @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
+    def unpack(packed):
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def release(self, key: int) -> None:
+        entry = self.refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.refs[key]
+            self.live -= entry[1]
 
 
 class MemoryTracker:
-    """Emits a `memory` event at each phase of a training step.
+    """Emits a `memory` event at each phase of a training step, with the phase's peak.
 
-    attach(model, optimizer) hooks the model's forward (after_forward, with the activation
-    bytes saved for backward) and wraps optimizer.step (after_backward just before the step,
-    after_step just after). The learner's loop does not change. The cost per phase is one walk
-    over the parameter and optimizer tensors and one RSS read: microseconds for lesson-sized
-    models.
+    attach(model, optimizer) hooks the model's forward (after_forward) and the optimizer's
+    step (after_backward just before it, after_step just after). The learner's loop does not
+    change. Each event carries the model state by category at that moment, the activations
+    alive, process RSS (and CUDA figures on a GPU), and the peak of the phase that just ended
+    (forward, backward or the optimizer step): `peak` and `peak_<category>` for each of
+    PEAK_CATEGORIES, the split at the worst moment; `tracker.peaks[phase]` keeps the last.
+
+    On a CPU the peak is counted from the tensors alive, each storage once, sampled where
+    memory can only have gone up: the end of forward, each gradient copied into its bucket,
+    each bucket launched and reduced, each ZeRO-3 unit gathered or about to be freed, each
+    checkpointed block recomputed, and the edges of the step. Activations are the bytes
+    autograd holds for backward (saved-tensor hooks that release their count as backward frees
+    them). Not seen: autograd's temporaries (the gradient flowing between layers) and what a
+    collective allocates inside itself (gloo's reduce-scatter receives into a buffer the size
+    of its input). On CUDA the allocator's own `max_memory_allocated`, reset at each phase,
+    is reported beside it (`cuda_peak`), and sees everything.
+
+    Cost: a sample walks the parameter and optimizer tensors (microseconds for lesson-sized
+    models); it happens at the points above only during a step.
     """
 
     def __init__(self, emit: bool = True) -> None:
@@ -175,16 +276,31 @@ class MemoryTracker:
         self.step = 0
         self.activations = 0
         self.last: dict[str, dict] = {}
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.samples = 0
+        self._phase: str | None = None
+        self._peak: dict[str, int] | None = None
         self._model: nn.Module | None = None
         self._optimizer: Any = None
-        self._counter: _ActivationCounter | None = None
+        self._counter = _ActivationCounter()
         self._hooks_ctx: contextlib.AbstractContextManager | None = None
         self._handles: list = []
+        self._device: torch.device | None = None
+
+        counter = self._counter
+
+        def pack(t: torch.Tensor):
+            return counter.pack(t)
+
+        # activation checkpointing shows this hook the tensors checkpoints keep (checkpointing.py)
+        pack._ddpzero_observer = counter
+        self._pack = pack
 
     def attach(self, model: nn.Module, optimizer: Any) -> MemoryTracker:
         if self._model is not None:
             raise RuntimeError("this MemoryTracker is already attached")
         self._model, self._optimizer = model, optimizer
+        self._device = next(iter(model.parameters()), torch.empty(0)).device
         self._handles.append(model.register_forward_pre_hook(self._before_forward))
         self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -203,39 +319,84 @@ class MemoryTracker:
 
             optimizer.step = types.MethodType(step, optimizer)
             self._original_step = original_step
+        # each gradient as it lands (after the strategy's own hook: registered later, run later)
+        module = getattr(model, "module", model)
+        for p in module.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        add_memory_probe(self._probe)
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        remove_memory_probe(self._probe)
         if self._optimizer is not None and getattr(self, "_original_step", None) is not None:
             self._optimizer.step = self._original_step
         self._model = self._optimizer = None
+        self._phase = None
 
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        self.record("after_backward")
+    # -- phases --------------------------------------------------------------------------
+    def _begin(self, phase: str) -> None:
+        self._phase = phase
+        self._peak = None
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+        self.sample()
 
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        self.record("after_step")
-        self.step += 1
+    def _end(self) -> dict[str, int]:
+        self.sample()
+        peak = dict(self._peak or {})
+        if self._device is not None and self._device.type == "cuda":
+            peak["cuda_peak"] = torch.cuda.max_memory_allocated(self._device)
+        if self._phase is not None:
+            self.peaks[self._phase] = peak
+        self._phase = None
+        return peak
+
+    def _on_grad(self, param) -> None:
+        if self._phase is not None:
+            self.sample()
+
+    def _probe(self, where: str) -> None:
+        if self._phase is not None:
+            self.sample()
+
+    def sample(self) -> dict[str, int]:
+        """Count what is alive now, by PEAK_CATEGORIES (plus "total"); keep it if it is the
+        phase's highest."""
+        self.samples += 1
+        groups = _state_groups(self._model, self._optimizer)
+        groups["other"] = groups.pop("buffers") + groups.pop("scratch")
+        now = _count(groups, ("params", "gathered", "grads", "optimizer", "comm", "other"))
+        now["activations"] = self._counter.alive()
+        now = {c: now[c] for c in PEAK_CATEGORIES}
+        now["total"] = sum(now.values())
+        if self._peak is None or now["total"] > self._peak["total"]:
+            self._peak = now
+        return now
 
     def _before_forward(self, module, args) -> None:
         if not torch.is_grad_enabled():
             return
         module_ = getattr(module, "module", module)
         # parameters and buffers are model state; autograd also saves BatchNorm's running
-        # statistics, which must not count twice
-        # (and a strategy's parameter buffers: ZeRO-3 gathers units into them during forward)
+        # statistics, which must not count twice (nor a strategy's parameter buffers:
+        # ZeRO-3 gathers units into them during forward)
         state = [*module_.parameters(), *module_.buffers()]
-        state += _strategy_tensors(module, self._optimizer).get("params", [])
-        self._counter = _ActivationCounter({_storage_identity(t) for t in state})
+        found = _strategy_tensors(module, self._optimizer)
+        state += found.get("params", []) + found.get("gathered", [])
+        self._counter.begin_forward({_storage_identity(t) for t in state})
         # keep them alive through forward: a storage freed meanwhile (ZeRO-3 swaps a
         # parameter's placeholder for its gathered view) could lend its identity to an
         # activation, which would then go uncounted
-        self._counter.keep = [t.untyped_storage() for t in state]
+        self._keep = [t.untyped_storage() for t in state]
+        if self._phase is not None:
+            self._end()  # a forward again before step (gradient accumulation)
+        self._begin("forward")
         self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(
-            self._counter.pack, self._counter.unpack
+            self._pack, self._counter.unpack
         )
         self._hooks_ctx.__enter__()
 
@@ -244,18 +405,33 @@ class MemoryTracker:
             return
         self._hooks_ctx.__exit__(None, None, None)
         self._hooks_ctx = None
-        self.activations = self._counter.bytes if self._counter is not None else 0
-        self.record("after_forward")
+        self._keep = []
+        self.activations = self._counter.saved
+        peak = self._end()
+        self.record("after_forward", peak)
+        self._begin("backward")
 
-    def record(self, phase: str) -> dict:
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        peak = self._end() if self._phase == "backward" else {}
+        self.record("after_backward", peak)
+        self._begin("step")
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        peak = self._end() if self._phase == "step" else {}
+        self.record("after_step", peak)
+        self.step += 1
+
+    def record(self, phase: str, peak: dict[str, int] | None = None) -> dict:
         """Measure now and emit a `memory` event for `phase`; returns the fields."""
         fields: dict[str, Any] = {"phase": phase, "step": self.step}
         fields.update(model_state_bytes(self._model, self._optimizer))
         # activations live from forward until backward has consumed them
-        fields["activations"] = self.activations if phase == "after_forward" else 0
+        fields["activations"] = self._counter.alive()
+        for key, value in (peak or {}).items():
+            fields["peak" if key == "total" else f"peak_{key}"] = value
         fields["rss"] = _rss()
-        device = next(iter(self._model.parameters()), torch.empty(0)).device
-        if device.type == "cuda":
+        device = self._device
+        if device is not None and device.type == "cuda":
             fields["cuda_allocated"] = torch.cuda.memory_allocated(device)
             fields["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
             fields["cuda_reserved"] = torch.cuda.memory_reserved(device)

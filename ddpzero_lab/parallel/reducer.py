@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from .. import comm
 from .flat import FlatShards
+from .strategy import memory_probe
 
 REDUCE_OPS = ("all_reduce", "reduce_scatter")
 LAUNCH_POLICIES = ("when_ready", "on_request", "at_step")
@@ -272,6 +273,8 @@ class Reducer:
             bucket.work = comm.reduce_scatter(
                 bucket.incoming, buffer, group=self.group, async_op=True, tag=tag
             )
+        if _probing():
+            memory_probe("launch")  # the bucket and its receive buffer (or low copy) alive
 
     def launch_bucket(self, index: int) -> None:
         """Launch bucket `index` now (launch="on_request"): its parameters with no gradient
@@ -362,6 +365,8 @@ class Reducer:
                     if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                         p.grad = view
             return
+        if _probing():
+            memory_probe("reduced")  # the full bucket and the reduced slice, both alive
         incoming, bucket.incoming = bucket.incoming, None
         bucket.low = None
         if bucket.post_divide:
@@ -392,6 +397,12 @@ class Reducer:
             bucket.grad_shard = None
         self._used_here = set()
         self.unused = set()
+
+
+def _probing() -> bool:
+    from .strategy import _PROBES
+
+    return bool(_PROBES)
 
 
 def tensors_in(value):
