@@ -369,7 +369,8 @@ class MemoryTracker:
         self.samples += 1
         groups = _state_groups(self._model, self._optimizer)
         groups["other"] = groups.pop("buffers") + groups.pop("scratch")
-        now = _count(groups, ("params", "gathered", "grads", "optimizer", "comm", "other"))
+        # gathered first: a ZeRO-3 parameter is a view of its unit's gathered buffer while bound
+        now = _count(groups, ("gathered", "params", "grads", "optimizer", "comm", "other"))
         now["activations"] = self._counter.alive()
         now = {c: now[c] for c in PEAK_CATEGORIES}
         now["total"] = sum(now.values())
@@ -395,9 +396,7 @@ class MemoryTracker:
         if self._phase is not None:
             self._end()  # a forward again before step (gradient accumulation)
         self._begin("forward")
-        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(
-            self._pack, self._counter.unpack
-        )
+        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._counter.unpack)
         self._hooks_ctx.__enter__()
 
     def _after_forward(self, module, args, output) -> None:
@@ -592,6 +591,192 @@ def format_gb(gb: float) -> str:
     places = Decimal("0.1") if gb >= 10 else Decimal("0.01")
     text = f"{Decimal(repr(gb)).quantize(places, rounding=ROUND_HALF_UP):f}"
     return text.rstrip("0").rstrip(".")
+
+
+# --- the peak: model state at rest plus what a step holds on top of it ---------------------
+
+
+def peak_memory_estimate(
+    num_params: float,
+    world_size: int,
+    strategy: str,
+    activation_bytes: float = 0,
+    *,
+    bucket_bytes: Iterable[float] | None = None,
+    unit_params: Iterable[float] | None = None,
+    prefetch: bool = False,
+    params_bytes: float = 4,
+    grads_bytes: float = 4,
+    optimizer_bytes_per_param: float = 8,
+    reduce_scatter_receive: bool = False,
+) -> dict[str, float]:
+    """Bytes per rank at the worst moment of a step, by phase, for `strategy` ("ddp",
+    "zero1", "zero2", "zero3"); defaults are fp32 AdamW (4 + 4 + 8 bytes per parameter).
+
+    At rest (after the step) a rank holds the ZeRO paper's model state. A step adds, with
+    P = params_bytes·Ψ, G = grads_bytes·Ψ, O = optimizer_bytes_per_param·Ψ, A the activation
+    bytes saved by one forward (`activation_bytes`), N = world_size:
+
+    * forward: the parameters, the optimizer state and A (gradients were zeroed: set to
+      None); DDP keeps its buckets (G) all along; ZeRO-3 holds a unit gathered in full with
+      the root's parameters (and the next unit when prefetching).
+    * backward, early (the first gradients arrive while the activations are still held):
+      ZeRO-1 allocates its gradient buffer (G), ZeRO-2 its first bucket of full gradients,
+      ZeRO-3 the unit's full gradient buffer; late (activations gone): DDP holds every fresh
+      `.grad` beside its buckets (G + G), ZeRO-2 the last bucket, its received slice and the
+      shards reduced so far, ZeRO-3 the first unit's gradients and shards.
+      `reduce_scatter_receive`: the gloo reduce-scatter (comm/) receives into a buffer the
+      size of its input while in flight; a CPU count of live tensors does not see it.
+    * step: the model state at rest (the ZeRO paper's formula).
+
+    `bucket_bytes`: ZeRO-2's buckets of full gradients, in launch order (default one bucket of
+    min(G, 25 MB)); `unit_params`: ZeRO-3's units' trainable parameters in forward order, the
+    root's own being the rest of Ψ (default one unit of Ψ), gathered one at a time with the
+    root's, two with `prefetch` (the next one's all-gather in flight).
+
+    Returns "at_rest", "forward", "backward", "step", "peak" (their maximum) and "transient"
+    (peak - at_rest). Not modelled: autograd's temporaries (the gradient flowing between
+    layers) and, on a GPU, the caching allocator's slack; the tracker's CPU count leaves
+    them out too, `cuda_peak` does not.
+    """
+    if strategy not in ("ddp", "zero1", "zero2", "zero3"):
+        raise ValueError(f"strategy must be 'ddp', 'zero1', 'zero2' or 'zero3', got {strategy!r}")
+    stage = 0 if strategy == "ddp" else int(strategy[-1])
+    for name, value in (("activation_bytes", activation_bytes), ("params_bytes", params_bytes)):
+        if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    rest = zero_memory_estimate(
+        num_params,
+        world_size,
+        stage,
+        params_bytes=params_bytes,
+        grads_bytes=grads_bytes,
+        optimizer_bytes_per_param=optimizer_bytes_per_param,
+    )
+    psi, n, a = float(num_params), world_size, float(activation_bytes)
+    p, g, o = rest["params"], grads_bytes * psi, rest["optimizer"]
+    if stage == 0:
+        forward = p + o + g + a
+        backward = max(forward, p + o + g + g)  # buckets + every fresh .grad
+    elif stage == 1:
+        forward = p + o + a
+        backward = p + o + g + a  # the in-place gradient buffer, from the first gradient
+    elif stage == 2:
+        buckets = list(bucket_bytes) if bucket_bytes is not None else [min(g, 25 * 2**20)]
+        forward = p + o + a
+        backward = p + o + _reducing(buckets, [0.0] * len(buckets), a, n, reduce_scatter_receive)
+    else:
+        units = [float(u) for u in (unit_params if unit_params is not None else [psi])]
+        root = psi - sum(units)  # the root's own parameters: gathered throughout
+        ahead = [
+            units[i + 1] if prefetch and i + 1 < len(units) else 0.0 for i in range(len(units))
+        ]
+        behind = [units[i - 1] if prefetch and i else 0.0 for i in range(len(units))]
+        largest = max(u + x for u, x in zip(units, ahead, strict=True))
+        forward = p + o + a + params_bytes * (root + largest)
+        # backward order: the forward's last unit first, each gathered (with the one before it
+        # when prefetching) while its gradients fill; the root's gradients (a tied output
+        # layer's) fill from the first gradient to the end
+        gathered = [params_bytes * (root + u + x) for u, x in zip(units, behind, strict=True)]
+        backward = (
+            p
+            + o
+            + grads_bytes * root
+            + _reducing(
+                [grads_bytes * u for u in reversed(units)],
+                list(reversed(gathered)),
+                a,
+                n,
+                reduce_scatter_receive,
+            )
+        )
+    step = rest["total"]
+    peak = max(forward, backward, step)
+    return {
+        "at_rest": step,
+        "forward": forward,
+        "backward": backward,
+        "step": step,
+        "peak": peak,
+        "transient": peak - step,
+    }
+
+
+def _reducing(buckets: list[float], beside: list[float], a: float, n: int, receive: bool):
+    """ZeRO-2/3's transient in backward, at its worst. Bucket i fills (beside[i]: what else is
+    held meanwhile, ZeRO-3's gathered unit) while bucket i-1's reduce-scatter is in flight
+    (its full gradients and the slice it receives, and with `receive` the input-sized buffer
+    of gloo's exchange) beside the slices reduced before: the reducer keeps one reduce-scatter
+    in flight. The activations `a` are counted whole while buckets fill (the first gradients
+    arrive with most of them still held) and not once the last bucket is sent."""
+    extra = 1 + 1 / n + (1 if receive else 0)  # a bucket in flight, per byte of gradients
+    worst = 0.0
+    for i, filling in enumerate(buckets):
+        in_flight = buckets[i - 1] * extra if i else 0.0
+        reduced = sum(buckets[: max(i - 1, 0)]) / n
+        worst = max(worst, a + beside[i] + filling + in_flight + reduced)
+    last = beside[-1] + buckets[-1] * extra + sum(buckets[:-1]) / n
+    return max(worst, last)
+
+
+def peak_memory_estimate_for(
+    module: nn.Module,
+    strategy: str,
+    world_size: int,
+    activation_bytes: float = 0,
+    *,
+    units=None,
+    prefetch: bool = False,
+    bucket_cap_mb: float = 25,
+    optimizer_bytes_per_param: float = 8,
+    reduce_scatter_receive: bool = False,
+) -> dict[str, float]:
+    """`peak_memory_estimate` with the sizes read off a plain fp32 module: Ψ (trainable
+    parameters), ZeRO-2's buckets (25 MB by default, in backward order), ZeRO-3's units
+    (`units=` as parallelize's; default each child of the root holding parameters) and the
+    most parameters gathered at once (a unit with the root's own, and the next unit too with
+    `prefetch`)."""
+    from .parallel.zero3 import default_units
+
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    psi = sum(p.numel() for _, p in trainable)
+    options: dict[str, Any] = {}
+    if strategy == "zero2":
+        buckets, size = [], 0
+        for _, p in reversed(trainable):
+            nbytes = 4 * p.numel()
+            if size and size + nbytes > bucket_cap_mb * 2**20:
+                buckets.append(size)
+                size = 0
+            size += nbytes
+        options["bucket_bytes"] = [*buckets, size]
+    if strategy == "zero3":
+        default = default_units(module)
+        chosen = units or (lambda name, mod: name in default)
+        names = [n for n, m in module.named_modules() if n and chosen(n, m)]
+        owner: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            holders = [u for u in names if name.startswith(u + ".")]
+            # a parameter used in several places (tied) goes to their common ancestor
+            unit = max(holders, key=len) if holders else ""
+            if id(p) in owner and owner[id(p)] != unit:
+                unit = ""
+            owner[id(p)] = unit
+        sizes: dict[str, int] = {}
+        numel = {id(p): p.numel() for _, p in module.named_parameters()}
+        for key, unit in owner.items():
+            sizes[unit] = sizes.get(unit, 0) + numel[key]
+        options["unit_params"] = [sizes[u] for u in names if sizes.get(u)]
+        options["prefetch"] = prefetch
+    return peak_memory_estimate(
+        psi,
+        world_size,
+        strategy,
+        activation_bytes,
+        optimizer_bytes_per_param=optimizer_bytes_per_param,
+        reduce_scatter_receive=reduce_scatter_receive,
+        **options,
+    )
 
 
 def _attach_tracker(model: nn.Module, optimizer: Any) -> None:

@@ -44,6 +44,8 @@ def memory_probe(where: str) -> None:
     """Tell the memory probes that a transient buffer was just allocated or is about to go."""
     for probe in _PROBES:
         probe(where)
+
+
 _MIXED: dict[type, type] = {}  # a module class -> its StrategyModule subclass
 
 

@@ -43,11 +43,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
+from .checkpointing import recomputing
 from .flat import FlatShards, emit_shard_map
 from .group import broadcast_state, check_process_group, check_same_model
 from .precision import MixedPrecisionPolicy, as_policy, cast_at_edges, register_casts
 from .reducer import Reducer, tensors_in
-from .checkpointing import recomputing
 from .strategy import Strategy, attach, detach, memory_probe, strategy_of
 from .wrapper import WrappedOptimizer, claim, unclaim
 from .zero import (
