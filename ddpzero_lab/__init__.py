@@ -7,7 +7,7 @@ from . import faults
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cluster import ClusterError, Job, LiveCluster, RankError, device, rank, state, world_size
 from .comm import reset_traffic, traffic
-from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
+from .memory import MemoryTracker, model_state_bytes, peak_memory_estimate, zero_memory_estimate
 from .parallel import (
     DDP,
     GradScaler,
@@ -51,6 +51,7 @@ __all__ = [
     "fully_shard",
     "model_state_bytes",
     "parallelize",
+    "peak_memory_estimate",
     "reset_traffic",
     "traffic",
     "rank",

@@ -111,19 +111,23 @@ def _state_groups(model: nn.Module, optimizer: Any) -> dict[str, list[torch.Tens
     return groups
 
 
-def _count(groups: dict[str, list[torch.Tensor]], order: Iterable[str]) -> dict[str, int]:
+def _count(
+    groups: dict[str, list[torch.Tensor]], order: Iterable[str], counted: set | None = None
+) -> dict[str, int]:
     """Bytes per category, each storage once and in full, the first category in `order` that
-    holds it winning."""
+    holds it winning (`counted`: keys of storages counted elsewhere already, left out)."""
     seen: set[tuple] = set()
+    counted = counted or set()
     totals = {}
     for category in order:
         total = 0
         for t in groups[category]:
-            key = _storage_key(t)
-            if key in seen:
+            storage = t.untyped_storage()
+            key = (t.device.type, t.device.index, storage.data_ptr())
+            if key in seen or key in counted:
                 continue
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            total += storage.nbytes()
         totals[category] = total
     return totals
 
@@ -286,6 +290,8 @@ class MemoryTracker:
         self._hooks_ctx: contextlib.AbstractContextManager | None = None
         self._handles: list = []
         self._device: torch.device | None = None
+        self._static: tuple[set, dict[str, int]] | None = None
+        self._params: list[torch.Tensor] = []
 
         counter = self._counter
 
@@ -321,7 +327,8 @@ class MemoryTracker:
             self._original_step = original_step
         # each gradient as it lands (after the strategy's own hook: registered later, run later)
         module = getattr(model, "module", model)
-        for p in module.parameters():
+        self._params = list(module.parameters())  # the same objects for good (ZeRO-3 swaps .data)
+        for p in self._params:
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         add_memory_probe(self._probe)
@@ -341,6 +348,9 @@ class MemoryTracker:
     def _begin(self, phase: str) -> None:
         self._phase = phase
         self._peak = None
+        self._static = None
+        if phase != "step":
+            self._freeze_static()
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
         self.sample()
@@ -367,16 +377,62 @@ class MemoryTracker:
         """Count what is alive now, by PEAK_CATEGORIES (plus "total"); keep it if it is the
         phase's highest."""
         self.samples += 1
-        groups = _state_groups(self._model, self._optimizer)
-        groups["other"] = groups.pop("buffers") + groups.pop("scratch")
+        model, optimizer = self._model, self._optimizer
+        if self._static is None:
+            groups = _state_groups(model, optimizer)
+            groups["other"] = groups.pop("buffers") + groups.pop("scratch")
+            counted: set = set()
+            fixed = {}
+        else:
+            # forward and backward change no optimizer state and no module buffer: those
+            # were counted once as the phase began (`_freeze_static`), the rest is walked
+            # (gradients, the strategy's buffers and shards)
+            counted, fixed = self._static
+            found = _strategy_tensors(model, optimizer)
+            params = self._params
+            record = strategy_of(model)
+            walked = params if record is not None and record.shards_parameters else []
+            groups = {
+                "gathered": found.get("gathered", []),
+                "params": walked + found.get("params", []),
+                "grads": [p.grad for p in params if p.grad is not None] + found.get("grads", []),
+                "optimizer": found.get("optimizer", []),
+                "comm": found.get("comm", []),
+                "other": found.get("buffers", []) + found.get("scratch", []),
+            }
         # gathered first: a ZeRO-3 parameter is a view of its unit's gathered buffer while bound
-        now = _count(groups, ("gathered", "params", "grads", "optimizer", "comm", "other"))
+        order = ("gathered", "params", "grads", "optimizer", "comm", "other")
+        now = _count(groups, order, counted)
+        for category, value in fixed.items():
+            now[category] += value
         now["activations"] = self._counter.alive()
         now = {c: now[c] for c in PEAK_CATEGORIES}
         now["total"] = sum(now.values())
         if self._peak is None or now["total"] > self._peak["total"]:
             self._peak = now
         return now
+
+    def _freeze_static(self) -> None:
+        """Count the parameters, the optimizer's state and the module's buffers once for this
+        phase."""
+        module = getattr(self._model, "module", self._model)
+        inner = getattr(self._optimizer, "optimizer", self._optimizer)
+        state = list(_tensors_in(inner.state)) if isinstance(inner, torch.optim.Optimizer) else []
+        # the module's parameters too: no strategy changes their storage during forward and
+        # backward but ZeRO-3, which binds them to gathered views (walked at each sample)
+        record = strategy_of(self._model)
+        sharded = record is not None and record.shards_parameters
+        groups = {
+            "params": [] if sharded else self._params,
+            "optimizer": state,
+            "other": list(module.buffers()),
+        }
+        fixed = _count(groups, ("params", "optimizer", "other"))
+        counted = {
+            (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+            for t in groups["params"] + groups["optimizer"] + groups["other"]
+        }
+        self._static = (counted, fixed)
 
     def _before_forward(self, module, args) -> None:
         if not torch.is_grad_enabled():
