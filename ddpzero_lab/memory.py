@@ -661,6 +661,7 @@ def peak_memory_estimate(
     bucket_bytes: Iterable[float] | None = None,
     unit_params: Iterable[float] | None = None,
     prefetch: bool = False,
+    root_params: float | None = None,
     params_bytes: float = 4,
     grads_bytes: float = 4,
     optimizer_bytes_per_param: float = 8,
@@ -687,8 +688,9 @@ def peak_memory_estimate(
 
     `bucket_bytes`: ZeRO-2's buckets of full gradients, in launch order (default one bucket of
     min(G, 25 MB)); `unit_params`: ZeRO-3's units' trainable parameters in forward order, the
-    root's own being the rest of Ψ (default one unit of Ψ), gathered one at a time with the
-    root's, two with `prefetch` (the next one's all-gather in flight).
+    root's own being the rest of Ψ unless `root_params` says (default one unit of Ψ),
+    gathered one at a time with the root's, two with `prefetch` (the next one's all-gather in
+    flight).
 
     Returns "at_rest", "forward", "backward", "step", "peak" (their maximum) and "transient"
     (peak - at_rest). Not modelled: autograd's temporaries (the gradient flowing between
@@ -723,7 +725,8 @@ def peak_memory_estimate(
         backward = p + o + _reducing(buckets, [0.0] * len(buckets), a, n, reduce_scatter_receive)
     else:
         units = [float(u) for u in (unit_params if unit_params is not None else [psi])]
-        root = psi - sum(units)  # the root's own parameters: gathered throughout
+        # the root's own parameters: gathered throughout
+        root = psi - sum(units) if root_params is None else float(root_params)
         ahead = [
             units[i + 1] if prefetch and i + 1 < len(units) else 0.0 for i in range(len(units))
         ]

@@ -277,3 +277,23 @@ def test_peak_formula_terms():
     assert z3p["forward"] == z3["forward"] + 4 * 400
     with pytest.raises(ValueError, match="strategy"):
         peak_memory_estimate(psi, n, "zero4")
+
+
+def test_calculator_shows_the_peak_beside_the_model_state():
+    from ddpzero_lab.viz.calculator import compute
+
+    est = compute(7.5e9, 64, 32, largest_layer_params=1.8e8, activation_bytes=1e9)
+    for stage in range(4):
+        assert est.peaks[stage]["at_rest"] == pytest.approx(est.stages[stage]["total"])
+        assert est.peaks[stage]["peak"] > est.stages[stage]["total"]
+    # P_os+g+p in backward: parameter and optimizer shards (14 bytes x 7.5e9 / 64), the
+    # activations, a 180 M-parameter layer gathered (2 bytes each) and its gradients filling
+    # (2 bytes each) while the layer before's reduce-scatter is in flight (its gradients and
+    # the slice it receives)
+    z3 = peak_memory_estimate(
+        7.5e9, 64, "zero3", 1e9, unit_params=[1.8e8, 1.8e8], root_params=0,
+        params_bytes=2, grads_bytes=2, optimizer_bytes_per_param=12,
+    )  # fmt: skip
+    assert est.peaks[3]["peak"] == pytest.approx(z3["peak"])
+    want = 14 * 7.5e9 / 64 + 1e9 + 0.36e9 + 0.36e9 + 0.36e9 * (1 + 1 / 64)
+    assert est.peaks[3]["peak"] == pytest.approx(want)
