@@ -16,6 +16,12 @@ For each strategy (ddp, zero1, zero2, zero3) on the course's tiny GPT (4 blocks,
     Timed with the tracker detached: the strategy is timed, not its instrumentation; the
     tracker's own cost is timed apart (`tracker` column: its step time / without it).
 
+A cluster's step times on a shared 2-core machine are noisy (other processes, gloo's
+threads), so the recompute's cost and the tracker's are also measured in one process, with
+no communication: three models (plain, checkpointed, plain with the tracker attached) step in
+turn, `--steps` steps each, the median per model; the ratios are reported as min / median /
+max over `--repeats` repeats.
+
     python benchmarks/memory.py [--steps 10] [--repeats 3] [--world-size 2] [--batch 8]
 """
 
@@ -89,6 +95,32 @@ def _run(strategy: str, checkpointing: bool, steps: int, warmup: int, batch: int
     }
 
 
+def _interleaved(steps: int, warmup: int, batch: int, block: int) -> dict[str, float]:
+    """Median step time of a plain, a checkpointed and a tracked model, stepped in turn."""
+    runs = {}
+    for name in ("plain", "checkpointed", "tracked"):
+        model, x, y = _model(batch, block)
+        model, opt = dzl.parallelize(
+            model,
+            "local",
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+            activation_checkpointing=True if name == "checkpointed" else None,
+            track_memory=name == "tracked",
+        )
+        runs[name] = (model, opt, x, y)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        for name, (model, opt, x, y) in runs.items():
+            start = time.perf_counter()
+            logits = model(x)
+            nn.functional.cross_entropy(logits.reshape(-1, 65), y.reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _spread(values: list[float], fmt: str = "{:.3f}") -> str:
     return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
@@ -121,6 +153,9 @@ def main() -> None:
                     merged = {**per_rank[0], "seconds": slowest["seconds"]}
                     merged["tracked"] = max(r["tracked"] for r in per_rank)
                     results.setdefault((strategy, checkpointing), []).append(merged)
+    local = [
+        _interleaved(args.steps, args.warmup, args.batch, args.block) for _ in range(args.repeats)
+    ]
     model = _model(args.batch, args.block)[0]
     print(
         f"tiny GPT ({sum(p.numel() for p in model.parameters())} parameters), batch "
@@ -145,6 +180,13 @@ def main() -> None:
             f"{_spread([c['seconds'] for c in ckpt]):>21} {_spread(ratios, '{:.2f}'):>17} "
             f"{_spread(tracker, '{:.2f}'):>17}"
         )
+    print(
+        "one process, interleaved: step s plain "
+        f"{_spread([r['plain'] for r in local])}, checkpointed "
+        f"{_spread([r['checkpointed'] for r in local])}; checkpointed / plain "
+        f"{_spread([r['checkpointed'] / r['plain'] for r in local], '{:.2f}')}; "
+        f"tracked / plain {_spread([r['tracked'] / r['plain'] for r in local], '{:.2f}')}"
+    )
 
 
 if __name__ == "__main__":

@@ -123,7 +123,9 @@ def _count(
         total = 0
         for t in groups[category]:
             storage = t.untyped_storage()
-            key = (t.device.type, t.device.index, storage.data_ptr())
+            # the address alone: CUDA's unified addressing keeps device and host allocations
+            # apart in one process (a device's tuple would cost more than the count itself)
+            key = storage.data_ptr()
             if key in seen or key in counted:
                 continue
             seen.add(key)
@@ -292,6 +294,8 @@ class MemoryTracker:
         self._device: torch.device | None = None
         self._static: tuple[set, dict[str, int]] | None = None
         self._params: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []
+        self._parts: dict[str, int] | None = None  # the last sample, by internal category
 
         counter = self._counter
 
@@ -328,6 +332,7 @@ class MemoryTracker:
         # each gradient as it lands (after the strategy's own hook: registered later, run later)
         module = getattr(model, "module", model)
         self._params = list(module.parameters())  # the same objects for good (ZeRO-3 swaps .data)
+        self._buffers = list(module.buffers())
         for p in self._params:
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
@@ -348,9 +353,10 @@ class MemoryTracker:
     def _begin(self, phase: str) -> None:
         self._phase = phase
         self._peak = None
-        self._static = None
-        if phase != "step":
-            self._freeze_static()
+        if phase == "forward" or (phase == "backward" and self._static is None):
+            self._freeze_static()  # (backward changes what forward left: nothing static)
+        elif phase == "step":
+            self._static = None  # the step creates and updates optimizer state
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
         self.sample()
@@ -380,7 +386,6 @@ class MemoryTracker:
         model, optimizer = self._model, self._optimizer
         if self._static is None:
             groups = _state_groups(model, optimizer)
-            groups["other"] = groups.pop("buffers") + groups.pop("scratch")
             counted: set = set()
             fixed = {}
         else:
@@ -398,15 +403,18 @@ class MemoryTracker:
                 "grads": [p.grad for p in params if p.grad is not None] + found.get("grads", []),
                 "optimizer": found.get("optimizer", []),
                 "comm": found.get("comm", []),
-                "other": found.get("buffers", []) + found.get("scratch", []),
+                "buffers": found.get("buffers", []),
+                "scratch": found.get("scratch", []),
             }
         # gathered first: a ZeRO-3 parameter is a view of its unit's gathered buffer while bound
-        order = ("gathered", "params", "grads", "optimizer", "comm", "other")
-        now = _count(groups, order, counted)
+        order = ("gathered", "params", "grads", "optimizer", "comm", "buffers", "scratch")
+        parts = _count(groups, order, counted)
         for category, value in fixed.items():
-            now[category] += value
+            parts[category] += value
+        self._parts = parts
+        now = {c: parts.get(c, 0) for c in PEAK_CATEGORIES}
+        now["other"] = parts["buffers"] + parts["scratch"]
         now["activations"] = self._counter.alive()
-        now = {c: now[c] for c in PEAK_CATEGORIES}
         now["total"] = sum(now.values())
         if self._peak is None or now["total"] > self._peak["total"]:
             self._peak = now
@@ -415,7 +423,6 @@ class MemoryTracker:
     def _freeze_static(self) -> None:
         """Count the parameters, the optimizer's state and the module's buffers once for this
         phase."""
-        module = getattr(self._model, "module", self._model)
         inner = getattr(self._optimizer, "optimizer", self._optimizer)
         state = list(_tensors_in(inner.state)) if isinstance(inner, torch.optim.Optimizer) else []
         # the module's parameters too: no strategy changes their storage during forward and
@@ -425,23 +432,22 @@ class MemoryTracker:
         groups = {
             "params": [] if sharded else self._params,
             "optimizer": state,
-            "other": list(module.buffers()),
+            "buffers": self._buffers,
         }
-        fixed = _count(groups, ("params", "optimizer", "other"))
+        fixed = _count(groups, ("params", "optimizer", "buffers"))
         counted = {
-            (t.device.type, t.device.index, t.untyped_storage().data_ptr())
-            for t in groups["params"] + groups["optimizer"] + groups["other"]
+            t.untyped_storage().data_ptr()
+            for t in groups["params"] + groups["optimizer"] + groups["buffers"]
         }
         self._static = (counted, fixed)
 
     def _before_forward(self, module, args) -> None:
         if not torch.is_grad_enabled():
             return
-        module_ = getattr(module, "module", module)
         # parameters and buffers are model state; autograd also saves BatchNorm's running
         # statistics, which must not count twice (nor a strategy's parameter buffers:
         # ZeRO-3 gathers units into them during forward)
-        state = [*module_.parameters(), *module_.buffers()]
+        state = [*self._params, *self._buffers]
         found = _strategy_tensors(module, self._optimizer)
         state += found.get("params", []) + found.get("gathered", [])
         self._counter.begin_forward({_storage_identity(t) for t in state})
@@ -479,7 +485,17 @@ class MemoryTracker:
     def record(self, phase: str, peak: dict[str, int] | None = None) -> dict:
         """Measure now and emit a `memory` event for `phase`; returns the fields."""
         fields: dict[str, Any] = {"phase": phase, "step": self.step}
-        fields.update(model_state_bytes(self._model, self._optimizer))
+        parts = self._parts if peak else None  # a phase just ended: its last sample is now
+        if parts is None:
+            fields.update(model_state_bytes(self._model, self._optimizer))
+        else:  # model_state_bytes' categories, from the sample (one walk, not two)
+            fields.update(
+                params=parts["gathered"] + parts["params"],
+                grads=parts["grads"],
+                optimizer=parts["optimizer"],
+                buffers=parts["buffers"],
+                scratch=parts["comm"] + parts["scratch"],
+            )
         # activations live from forward until backward has consumed them
         fields["activations"] = self._counter.alive()
         for key, value in (peak or {}).items():
