@@ -83,7 +83,7 @@ def _run(strategy: str, checkpointing: bool, steps: int, warmup: int, batch: int
         if i >= warmup:
             tracked.append(time.perf_counter() - start)
     peaks = dict(tracker.peaks)
-    activations = max(p["activations"] for p in peaks.values())
+    activations = max(tracker.activation_peaks.values())
     tracker.detach()
     return {
         "seconds": statistics.median(times),

@@ -283,6 +283,9 @@ class MemoryTracker:
         self.activations = 0
         self.last: dict[str, dict] = {}
         self.peaks: dict[str, dict[str, int]] = {}
+        # the most activation bytes held at once in each phase of the last step (the peak's
+        # split above is at the moment of the highest total, which may hold fewer)
+        self.activation_peaks: dict[str, int] = {}
         self.samples = 0
         self._phase: str | None = None
         self._peak: dict[str, int] | None = None
@@ -353,6 +356,7 @@ class MemoryTracker:
     def _begin(self, phase: str) -> None:
         self._phase = phase
         self._peak = None
+        self.activation_peaks[phase] = 0
         if phase == "forward" or (phase == "backward" and self._static is None):
             self._freeze_static()  # (backward changes what forward left: nothing static)
         elif phase == "step":
@@ -415,6 +419,10 @@ class MemoryTracker:
         now = {c: parts.get(c, 0) for c in PEAK_CATEGORIES}
         now["other"] = parts["buffers"] + parts["scratch"]
         now["activations"] = self._counter.alive()
+        if self._phase is not None and now["activations"] > self.activation_peaks.get(
+            self._phase, -1
+        ):
+            self.activation_peaks[self._phase] = now["activations"]
         now["total"] = sum(now.values())
         if self._peak is None or now["total"] > self._peak["total"]:
             self._peak = now

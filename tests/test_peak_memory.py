@@ -121,6 +121,11 @@ def test_checkpointing_keeps_the_block_inputs_plus_one_block():
     # backward: the inputs still held plus one block recomputed (its Tanh output)
     assert ckpt.peaks["backward"]["activations"] == 4 * batch * 4 + 3 * act + act
     assert ckpt.peaks["backward"]["activations"] < plain.peaks["backward"]["activations"]
+    assert ckpt.activation_peaks == {
+        "forward": ckpt.peaks["forward"]["activations"],
+        "backward": ckpt.peaks["backward"]["activations"],
+        "step": 0,
+    }
 
 
 def _same_gradients_with_checkpointing():
