@@ -302,3 +302,34 @@ def test_calculator_shows_the_peak_beside_the_model_state():
     assert est.peaks[3]["peak"] == pytest.approx(z3["peak"])
     want = 14 * 7.5e9 / 64 + 1e9 + 0.36e9 + 0.36e9 + 0.36e9 * (1 + 1 / 64)
     assert est.peaks[3]["peak"] == pytest.approx(want)
+
+
+def _gpt_activations(n_layer, checkpointing):
+    from ddpzero_lab.workloads.models import tiny_gpt
+
+    torch.manual_seed(0)
+    model, opt = dzl.parallelize(
+        tiny_gpt(65, block_size=64, n_layer=n_layer),
+        "local",
+        optimizer=OPTIMIZERS["sgd"],
+        activation_checkpointing=(lambda n, m: n.startswith("blocks.")) if checkpointing else None,
+        track_memory=False,
+    )
+    tracker = MemoryTracker(emit=False).attach(model, opt)
+    model(torch.randint(0, 65, (8, 64))).square().mean().backward()
+    opt.step()
+    return tracker.activation_peaks
+
+
+def test_checkpointed_tiny_gpt_holds_block_inputs_plus_one_block():
+    one, two = _gpt_activations(1, False)["forward"], _gpt_activations(2, False)["forward"]
+    block = two - one  # what one transformer block saves, its input included
+    outside = one - block  # embeddings (token ids, positions), final norm and output layer
+    block_input = 4 * 8 * 64 * 64  # (batch, time, channels) fp32
+    # the final LayerNorm saves its input, mean and rstd; the output layer saves its input
+    head = 2 * block_input + 2 * 4 * 8 * 64
+    ckpt = _gpt_activations(3, True)
+    assert ckpt["forward"] == outside + 3 * block_input
+    # the first recompute (the last block) happens once the head's backward has run
+    assert ckpt["backward"] == outside + 3 * block_input - head + (block - block_input)
+    assert ckpt["backward"] < (outside + 3 * block) / 2

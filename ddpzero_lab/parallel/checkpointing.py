@@ -114,10 +114,14 @@ def _checkpointed(forward: Callable) -> Callable:
                 observer.watch(t)
                 return inner_pack(t)
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, inner_unpack):
-                out = forward(*args, **kwargs)
-            memory_probe("recomputed")  # the block's insides are back: this backward's peak
-            return out
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, inner_unpack):
+                    return forward(*args, **kwargs)
+            finally:
+                # the block's insides are back: this backward's worst moment for activations
+                # (checkpoint's early stop ends the recompute with an exception once the last
+                # tensor it needs is saved: that moment too)
+                memory_probe("recomputed")
         finally:
             _RECOMPUTING[0] -= 1
 
