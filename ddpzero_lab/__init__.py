@@ -12,7 +12,7 @@ from . import faults
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cluster import ClusterError, RankError, device, rank, state, world_size
 from .comm import Link, reset_traffic, set_link, traffic
-from .memory import MemoryTracker, model_state_bytes, zero_memory_estimate
+from .memory import MemoryTracker, model_state_bytes, peak_memory_estimate, zero_memory_estimate
 from .parallel import (
     DDP,
     GradScaler,
@@ -87,6 +87,7 @@ __all__ = [
     "mesh",
     "model_state_bytes",
     "parallelize",
+    "peak_memory_estimate",
     "profile_step",
     "project",
     "reset_traffic",

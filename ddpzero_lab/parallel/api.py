@@ -40,6 +40,7 @@ def parallelize(
     optimizer: Callable | None = None,
     track_memory: bool | None = None,
     precision: str | MixedPrecisionPolicy = "fp32",
+    activation_checkpointing: bool | Callable | None = None,
     **options,
 ):
     """Return (model, optimizer) for `strategy`; call inside a rank, every rank alike.
@@ -56,6 +57,11 @@ def parallelize(
                and communication, fp32 master weights and optimizer state; inputs are cast
                to the low dtype and outputs back to fp32 at the model's edges. fp16 needs loss
                scaling: train with dzl.GradScaler (used as torch's GradScaler).
+    activation_checkpointing: True (each child of the root holding parameters, the elements
+               of a container child: a transformer's blocks one by one) or a callable
+               (name, module) -> bool choosing the blocks; each runs under
+               torch.utils.checkpoint (use_reentrant=False): its insides are recomputed in
+               backward instead of kept (checkpointing.py). Works with every strategy.
     options:   ddp: bucket_cap_mb=, ...; zero1/zero2: bucket_cap_mb=, group=,
                replicate_group= (hybrid sharding, as FSDP's HSDP: ZeRO within `group`, the
                shards replicated across `replicate_group`, e.g. a mesh's rows and columns);
@@ -79,6 +85,10 @@ def parallelize(
             "strategy decides which parameters each rank's optimizer holds), e.g. "
             "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)"
         )
+    if activation_checkpointing is not None and activation_checkpointing is not False:
+        from .checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(module, activation_checkpointing)
     policy = as_policy(precision)
     if policy is not None and strategy == "param_server":
         raise ValueError("the parameter server trains in fp32 only (precision='fp32')")

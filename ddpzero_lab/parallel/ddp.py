@@ -165,7 +165,12 @@ class DDP(StrategyModule, nn.Module):
         return [[name for name, _ in b.storage.params] for b in self.reducer.buckets]
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
-        return {"scratch": [b.storage.grad for b in self.reducer.buckets]}
+        buckets = self.reducer.buckets
+        # the buckets are what is all-reduced (and, after backward, what .grad views)
+        return {
+            "comm": [b.storage.grad for b in buckets]
+            + [b.low for b in buckets if b.low is not None]
+        }
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from .. import comm
 from .flat import FlatShards
+from .strategy import memory_probe
 
 REDUCE_OPS = ("all_reduce", "reduce_scatter")
 LAUNCH_POLICIES = ("when_ready", "on_request", "at_step")
@@ -207,8 +208,6 @@ class Reducer:
             param.grad = view  # ZeRO-1: later accumulation goes into the bucket itself
         self._used_here.add(id(param))
         self._mark_ready(bucket, position)
-        if self.grads == "release":
-            self.release_completed()  # P_os+g: a reduced bucket's full gradients go at once
 
     def start_backward(self) -> None:
         if self._backward_started:
@@ -267,6 +266,15 @@ class Reducer:
         if wire is not None and wire != buffer.dtype:
             bucket.low = buffer.to(wire)  # a copy in flight, copied back (DDP) when done
             buffer = bucket.low
+        if self.reduce == "reduce_scatter" and self.grads == "release":
+            # P_os+g keeps one reduce-scatter in flight: the one before this is taken (waited
+            # for, its full gradients and receive buffer freed) as this one starts, so that a
+            # rank holds at most two buckets of full gradients, whatever the timing: the
+            # peak is bounded (ZeRO-R's constant-size buffers, §6.3), not one bucket per
+            # layer still in flight
+            for earlier in self.buckets:
+                if earlier is not bucket and earlier.launched and not earlier.reduced:
+                    self._take_result(earlier)
         if self.reduce == "all_reduce":  # DDP: every rank receives the whole averaged bucket
             bucket.work = comm.all_reduce(buffer, group=self.group, async_op=True, tag=tag)
         else:  # ZeRO: rank r receives only the averaged slice r, the one it steps
@@ -279,6 +287,8 @@ class Reducer:
             bucket.work = comm.reduce_scatter(
                 bucket.incoming, buffer, group=self.group, async_op=True, tag=tag
             )
+        if _probing():
+            memory_probe("launch")  # the bucket and its receive buffer (or low copy) alive
 
     def launch_bucket(self, index: int) -> None:
         """Launch bucket `index` now (launch="on_request"): its parameters with no gradient
@@ -294,7 +304,8 @@ class Reducer:
         self._launch(bucket)
 
     def release_completed(self) -> None:
-        """Drop the full gradient buffers of buckets whose reduce-scatter has completed."""
+        """Drop the full gradient buffers of buckets whose reduce-scatter has completed (an
+        opportunistic release; `_launch` bounds what is in flight)."""
         for bucket in self.buckets:
             if self.grads == "release" and bucket.work is not None and bucket.work.is_completed():
                 self._take_result(bucket)
@@ -373,6 +384,8 @@ class Reducer:
                     if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                         p.grad = view
             return
+        if _probing():
+            memory_probe("reduced")  # the full bucket and the reduced slice, both alive
         incoming, bucket.incoming = bucket.incoming, None
         bucket.low = None
         if bucket.post_divide:
@@ -421,6 +434,12 @@ class Reducer:
             bucket.grad_shard = None
         self._used_here = set()
         self.unused = set()
+
+
+def _probing() -> bool:
+    from .strategy import _PROBES
+
+    return bool(_PROBES)
 
 
 def tensors_in(value):

@@ -23,6 +23,29 @@ import torch
 from torch import nn
 
 _STRATEGIES: weakref.WeakKeyDictionary[Any, Strategy] = weakref.WeakKeyDictionary()
+# Memory probes: a layer above (memory.py's tracker) samples what is alive at the moments a
+# strategy allocates or frees a transient buffer (a gradient into its bucket, a gather, a
+# reduce-scatter's receive buffer), so that a peak is seen when it happens, not at the end of
+# a phase. Empty outside a tracked step: one list test per call.
+_PROBES: list[Callable[[str], None]] = []
+
+
+def add_memory_probe(probe: Callable[[str], None]) -> None:
+    """probe(where) is called at each of the strategies' allocation points."""
+    _PROBES.append(probe)
+
+
+def remove_memory_probe(probe: Callable[[str], None]) -> None:
+    if probe in _PROBES:
+        _PROBES.remove(probe)
+
+
+def memory_probe(where: str) -> None:
+    """Tell the memory probes that a transient buffer was just allocated or is about to go."""
+    for probe in _PROBES:
+        probe(where)
+
+
 _MIXED: dict[type, type] = {}  # a module class -> its StrategyModule subclass
 
 

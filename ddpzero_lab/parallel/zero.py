@@ -220,11 +220,12 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         # buffers are scratch.
         grads = [b.grad_shard for b in self.reducer.buckets if b.grad_shard is not None]
         buffers = [b.grad for b in self.buckets if b.grad is not None]
+        inflight = [t for b in self.reducer.buckets for t in (b.incoming, b.low) if t is not None]
         return {
             "params": [b.data for b in self.buckets],
             "grads": grads + (buffers if self.stage == 1 else []),
             "optimizer": self.shards if self.mixed else [],
-            "scratch": buffers if self.stage == 2 else [],
+            "comm": (buffers if self.stage == 2 else []) + inflight,
         }
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -43,11 +43,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
+from .checkpointing import recomputing
 from .flat import FlatShards, emit_shard_map
 from .group import check_process_group, check_same_model, start_replicas_alike
 from .precision import MixedPrecisionPolicy, as_policy, cast_at_edges, register_casts
 from .reducer import Reducer, tensors_in
-from .strategy import Strategy, attach, detach, strategy_of
+from .strategy import Strategy, attach, detach, memory_probe, strategy_of
 from .wrapper import WrappedOptimizer, claim, unclaim
 from .zero import (
     ShardedOptimizerState,
@@ -250,6 +251,7 @@ class Zero3:
         self.units = self._make_units(units)
         self._order: list[_Unit] = []  # units in the order of the first forward
         self._recording = True
+        self.gathers = 0  # all-gathers of a unit completed (forward, backward, recompute)
         self._steps = 0
         self._forward_at = time.time()
         self._backward_end: float | None = None
@@ -578,6 +580,8 @@ class Zero3:
             flat.bind()
         unit.gather_works = []
         unit.gathered = True
+        self.gathers += 1
+        memory_probe("gathered")  # a unit in full: ZeRO-3's transient
 
     def _ensure(self, unit: _Unit) -> None:
         if unit.gathered:
@@ -590,6 +594,7 @@ class Zero3:
     def _free(self, unit: _Unit) -> None:
         if unit.gather_works:
             self._bind(unit)  # never leave a gather in flight
+        memory_probe("free")
         for flat in unit.flats:
             flat.free()
         unit.gathered = False
@@ -607,6 +612,12 @@ class Zero3:
 
     def _pre_forward(self, unit: _Unit):
         def hook(module, args, kwargs):
+            if recomputing():
+                # backward recomputes a checkpointed block that contains this unit: gather it
+                # (if its backward has not already), but it is no new call: its gradients
+                # come through the first forward's graph, its post-backward hook is that one's
+                self._ensure(unit)
+                return None
             if self._recording and unit not in self._order:
                 self._order.append(unit)
             self._ensure(unit)
@@ -631,6 +642,8 @@ class Zero3:
 
     def _post_forward(self, unit: _Unit):
         def hook(module, args, output):
+            if recomputing():
+                return output  # its backward is next: its post-backward hook frees it
             if unit.module is self.module:
                 self._recording = False  # the first forward is over: the order is known
             if torch.is_grad_enabled():
@@ -659,6 +672,7 @@ class Zero3:
             self.reducer.launch_bucket(self._bucket_index[id(flat)])
         # Every use of its trainable parameters is behind us: they can go. Frozen ones may
         # still be needed for the gradient of the unit's input, and go at the end of backward.
+        memory_probe("free")
         for flat in unit.trainable:
             flat.free()
 
@@ -847,12 +861,16 @@ class Zero3Optimizer(ShardedOptimizerState, WrappedOptimizer):
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         flats = self.engine.flats(trainable=False)
+        buckets = self.engine.reducer.buckets
         return {
-            "params": [f.local for f in flats] + [f.full for f in flats],  # 0 bytes when freed
+            "params": [f.local for f in flats],
+            "gathered": [f.full for f in flats],  # 0 bytes when freed
             "grads": [f.grad_shard for f in flats if f.grad_shard is not None],
             # the fp32 masters of low-precision flats (an fp32 flat's master is its `local`)
             "optimizer": [f.master for f in flats if f.local is not f.master],
-            "scratch": [f.grad_full for f in flats if f.grad_full is not None],
+            # full gradients until reduce-scattered, and what the reduce-scatters receive
+            "comm": [f.grad_full for f in flats if f.grad_full is not None]
+            + [t for b in buckets for t in (b.incoming, b.low) if t is not None],
         }
 
     def scaler_grads(self) -> list[torch.Tensor]:

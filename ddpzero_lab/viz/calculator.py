@@ -20,11 +20,11 @@ import html
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
-from ..memory import PRESETS, STAGE_NAMES, format_gb, zero_memory_estimate
+from ..memory import PRESETS, STAGE_NAMES, format_gb, peak_memory_estimate, zero_memory_estimate
 
 STAGES = tuple(STAGE_NAMES)  # 0, 1, 2, 3
 CATEGORIES = ("params", "grads", "optimizer")
@@ -50,6 +50,9 @@ class Estimate:
     budget_gb: float
     bytes_per_param: dict[str, float]  # {"params", "grads", "optimizer"}: bytes per parameter
     stages: dict[int, dict[str, float]]  # stage -> zero_memory_estimate(...) for that stage
+    # stage -> peak_memory_estimate(...): model state plus a step's transient buffers and
+    # activations, at the step's worst moment
+    peaks: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def fits(self) -> dict[int, bool]:
@@ -84,13 +87,21 @@ def compute(
     params_bytes: float | None = None,
     grads_bytes: float | None = None,
     optimizer_bytes_per_param: float | None = None,
+    activation_bytes: float = 0.0,
+    largest_layer_params: float | None = None,
 ) -> Estimate:
     """Per-rank bytes of every ZeRO stage and whether each fits `budget_gb` (10^9 bytes).
 
     preset: "mixed_adam" (2 + 2 + 12, the paper's setting), "fp32_adam" (4 + 4 + 8), or
     "custom", which needs all three byte counts. Byte counts given with a named preset
     override its values, as in zero_memory_estimate. Raises ValueError on bad input.
+
+    `peaks` adds, per stage, the peak of a step (ddpzero_lab.memory.peak_memory_estimate):
+    `activation_bytes` per rank, 25 MB gradient buckets, and for P_os+g+p units of
+    `largest_layer_params` (default Ψ/100) gathered one at a time, DeepSpeed's "largest
+    layer" term.
     """
+    _check_positive_finite("activation_bytes", activation_bytes, allow_zero=True)
     _check_positive_finite("num_params", num_params, allow_zero=True)
     _check_positive_finite("budget_gb", budget_gb, allow_zero=False)
     given = dict(
@@ -111,12 +122,38 @@ def compute(
     }
     # the bytes per parameter are the model's own: stage 0 of a one-parameter model
     per = zero_memory_estimate(1, 1, 0, preset=preset, **overrides)
+    layer = float(largest_layer_params if largest_layer_params is not None else num_params / 100)
+    _check_positive_finite("largest_layer_params", layer, allow_zero=True)
+    layer = min(layer, float(num_params))
+    per_param = {
+        "params_bytes": per["params"],
+        "grads_bytes": per["grads"],
+        "optimizer_bytes_per_param": per["optimizer"],
+    }
+    grads = per["grads"] * num_params
+    cap = 25 * 2**20  # ZeRO-2's buckets: one filling, one in flight
+    buckets = [grads] if grads <= cap else [cap, min(cap, grads - cap)]
+    peaks = {
+        stage: peak_memory_estimate(
+            num_params,
+            world_size,
+            "ddp" if stage == 0 else f"zero{stage}",
+            activation_bytes,
+            bucket_bytes=buckets,
+            # the worst of backward: one unit filling, one in flight (the others sharded)
+            unit_params=[layer, layer] if 2 * layer <= num_params else [layer],
+            root_params=0.0,
+            **per_param,
+        )
+        for stage in STAGES
+    }
     return Estimate(
         num_params=float(num_params),
         world_size=world_size,
         budget_gb=float(budget_gb),
         bytes_per_param={c: per[c] for c in CATEGORIES},
         stages=stages,
+        peaks=peaks,
     )
 
 
@@ -398,15 +435,21 @@ class MemoryCalculator:
             fits = estimate.fits[stage]
             color = "#1b7f3b" if fits else "#b00020"
             verdict = "yes" if fits else "no"
+            peak = estimate.peaks[stage]["peak"] / GB
             rows.append(
                 f"<tr><td>{STAGE_NAMES[stage]}</td>"
                 f"<td style='text-align:right'>{format_gb(est['total'] / GB)} GB</td>"
+                f"<td style='text-align:right'>{format_gb(peak)} GB</td>"
                 f"<td style='color:{color}'><b>{verdict}</b></td></tr>"
             )
         self.answer.value = (
             f"<b>Does it fit in {estimate.budget_gb:g} GB per rank?</b>"
-            f"<table><tr><th>stage</th><th>model states</th><th>fits</th></tr>"
-            f"{''.join(rows)}</table>"
+            f"<table><tr><th>stage</th><th>model states</th><th>peak of a step*</th>"
+            f"<th>fits</th></tr>"
+            f"{''.join(rows)}</table><small>* model states plus a step's buffers: DDP's fresh "
+            "gradients beside its buckets, ZeRO-2's 25 MB buckets, ZeRO-3's gathered layers "
+            "(Ψ/100 each) and their gradients; activations not included. The fit is judged "
+            "on model states.</small>"
         )
         return estimate
 
