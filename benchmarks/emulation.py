@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from models import mlp  # benchmarks/models.py, beside this script
 from torch import nn
 
 import ddpzero_lab as dzl
@@ -69,11 +70,7 @@ def _fidelity(repeats: int) -> dict:
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(4):
-        layers += [nn.Linear(1024, 1024), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(1024, 10))
+    return mlp()
 
 
 def _batch():

@@ -8,8 +8,6 @@ One cluster per world size (2, 4), shared by the tests of this module.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +15,7 @@ from torch import nn
 
 import ddpzero_lab as dzl
 from ddpzero_lab.comm.link import Link
+from ddpzero_lab.course.lesson_14 import SleepyLayer  # compute of a known length
 from ddpzero_lab.parallel.pipeline import PipelineStage, bubble_fraction, ideal_bubble
 
 WIDTH, LAYERS, BATCH, MICRO, STEPS = 6, 4, 12, 4, 3
@@ -90,34 +89,9 @@ def test_a_pipeline_trains_as_one_process_and_holds_what_its_schedule_says(ppclu
         torch.testing.assert_close(got[name], value, rtol=0, atol=ATOL, msg=name)
 
 
-class _Sleeps(torch.autograd.Function):
-    """Compute of a known length: `seconds` in forward and in backward."""
-
-    @staticmethod
-    def forward(ctx, x, seconds):
-        ctx.seconds = seconds
-        time.sleep(seconds)
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx, grad):
-        time.sleep(ctx.seconds)
-        return grad, None
-
-
-class _Timed(nn.Module):
-    def __init__(self, seconds):
-        super().__init__()
-        self.seconds = seconds
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, x):
-        return _Sleeps.apply(x * self.scale, self.seconds)
-
-
 def _bubble(schedule: str, micro: int):
     stage = PipelineStage(
-        _Timed(0.1), micro_batches=micro, schedule=schedule, loss_fn=nn.functional.mse_loss
+        SleepyLayer(0.07), micro_batches=micro, schedule=schedule, loss_fn=nn.functional.mse_loss
     )
     x, y = torch.randn(micro, 4), torch.randn(micro, 4)
     stage.step(x if stage.is_first else None, y if stage.is_last else None)  # warm-up

@@ -48,16 +48,22 @@ def _holds_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def default_blocks(root: nn.Module) -> set[str]:
-    """Each child of the root that holds parameters; a child that is a container (Sequential,
-    ModuleList, ModuleDict) gives its elements instead: a transformer's blocks one by one."""
+def blocks_with_parameters(root: nn.Module, containers: tuple[type, ...]) -> set[str]:
+    """Each child of the root that holds parameters; a child that is one of `containers`
+    gives its elements instead (ZeRO-3's default units and the checkpointed blocks)."""
     names = set()
     for name, child in root.named_children():
-        if isinstance(child, _CONTAINERS):
+        if isinstance(child, containers):
             names |= {f"{name}.{n}" for n, c in child.named_children() if _holds_parameters(c)}
         elif _holds_parameters(child):
             names.add(name)
     return names
+
+
+def default_blocks(root: nn.Module) -> set[str]:
+    """Each child of the root that holds parameters; a child that is a container (Sequential,
+    ModuleList, ModuleDict) gives its elements instead: a transformer's blocks one by one."""
+    return blocks_with_parameters(root, _CONTAINERS)
 
 
 def choose_blocks(module: nn.Module, policy) -> list[str]:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
-from .checkpointing import recomputing
+from .checkpointing import blocks_with_parameters, recomputing
 from .flat import FlatShards, emit_shard_map
 from .group import check_process_group, check_same_model, start_replicas_alike
 from .precision import MixedPrecisionPolicy, as_policy, cast_at_edges, register_casts
@@ -65,20 +65,10 @@ UnitPolicy = Callable[[str, nn.Module], bool]
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)  # they hold modules but have no forward
 
 
-def _holds_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
-
-
 def default_units(root: nn.Module) -> set[str]:
     """Each child of the root that holds parameters; for a child that is a ModuleList or
     ModuleDict (never called itself: the root calls its elements), its elements."""
-    names = set()
-    for name, child in root.named_children():
-        if isinstance(child, _CONTAINERS):
-            names |= {f"{name}.{n}" for n, c in child.named_children() if _holds_parameters(c)}
-        elif _holds_parameters(child):
-            names.add(name)
-    return names
+    return blocks_with_parameters(root, _CONTAINERS)
 
 
 class _Flat:
