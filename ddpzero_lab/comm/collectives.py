@@ -149,6 +149,11 @@ def record(
     if seq is None:
         seq = next_seq()[0]
     _count(op, nbytes, sent, recv, end - start, group=extra.get("group", ""))
+    _emit_collective(op, nbytes, sent, recv, start, end, tag, seq, **extra)
+
+
+def _emit_collective(op, nbytes, sent, recv, start, end, tag, seq, **extra) -> None:
+    """The `collective` event of one op (host-timed here, CUDA-timed by flush_gpu_timing)."""
     telemetry.emit(
         "collective",
         op=op,
@@ -308,16 +313,15 @@ def flush_gpu_timing() -> int:
         _count(op, 0, 0, 0, end - start, calls=0, group=extra.get("group", ""))
         with _lock:
             _gpu_window.append((start, end, waited))
-        telemetry.emit(
-            "collective",
-            op=op,
-            bytes=nbytes,
-            sent=sent,
-            recv=recv,
-            start=start,
-            end=end,
-            seq=seq,
-            tag=tag,
+        _emit_collective(
+            op,
+            nbytes,
+            sent,
+            recv,
+            start,
+            end,
+            tag,
+            seq,
             timing="cuda_event",
             host_start=host_start,
             host_end=host_end,
