@@ -27,6 +27,7 @@ from .parallel import (
     parallelize,
     strategy_of,
 )
+from .planning import plan, plan_table
 from .projection import profile_step, project
 from .telemetry import emit
 
@@ -90,6 +91,8 @@ __all__ = [
     "peak_memory_estimate",
     "profile_step",
     "project",
+    "plan",
+    "plan_table",
     "reset_traffic",
     "set_link",
     "traffic",

@@ -198,13 +198,27 @@ def _padded(numel: int, n: int) -> int:
     return -(-numel // n) * n
 
 
+PRECISIONS = {"fp32": 4, "bf16-mixed": 2, "fp16-mixed": 2}  # bytes per element on the wire
+
+
 def project_one(
-    profile: StepProfile, strategy: str, world_size: int, link: Link, prefetch: bool = False
+    profile: StepProfile,
+    strategy: str,
+    world_size: int,
+    link: Link,
+    prefetch: bool = False,
+    precision: str | None = None,
 ) -> Projection:
-    """The replay of one step of `profile` under `strategy` on `world_size` ranks."""
+    """The replay of one step of `profile` under `strategy` on `world_size` ranks.
+    `precision` ("fp32", "bf16-mixed", "fp16-mixed"; None: as profiled) sets the bytes each
+    element takes on the wire and the memory formula (mixed: the paper's 2 + 2 + 12 bytes);
+    the compute stays as measured."""
     if strategy not in STAGES:
         raise ValueError(f"strategy must be one of {sorted(STAGES)}, got {strategy!r}")
-    n, e = world_size, profile.element_size
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    n = world_size
+    e = profile.element_size if precision is None else PRECISIONS[precision]
     wire = _Link(link, n)
     units = profile.units
     optimizer_s = profile.optimizer_s / (n if strategy != "ddp" else 1)
@@ -290,9 +304,11 @@ def project(
     world_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
     link: str | Link = "nvlink4",
     prefetch: bool = False,
+    precision: str | None = None,
 ) -> list[Projection]:
     """`project_one` for each world size: how the step and the memory per rank change as N
     grows (weak scaling: the same batch per rank). Scaling efficiency at N is
-    rows[0].step_s / rows[i].step_s when world_sizes starts at 1."""
+    rows[0].step_s / rows[i].step_s when world_sizes starts at 1. `precision`: as in
+    project_one."""
     link = Link.parse(link)
-    return [project_one(profile, strategy, n, link, prefetch) for n in world_sizes]
+    return [project_one(profile, strategy, n, link, prefetch, precision) for n in world_sizes]
