@@ -73,18 +73,47 @@ def measure_step(strategy: str, make_model, batch, link: Link, steps: int = 3, *
 
 
 def error_table(measured: dict, projected: dict, link: Link) -> dict:
-    """Measured against projected step time per (N, strategy); returns the errors."""
+    """Measured against projected step time per (N, strategy) (seconds, or Projections);
+    returns the errors."""
     print(f"step time: measured under {link.describe()}, against the projection")
     print(f"{'N':>3} {'strategy':<9}{'measured':>10}{'projection':>12}{'error':>8}")
     errors = {}
     for (n, strategy), seconds in measured.items():
-        guess = projected[n, strategy]
+        guess = getattr(projected[n, strategy], "step_s", projected[n, strategy])
         errors[n, strategy] = guess / seconds - 1
         print(
             f"{n:>3} {strategy:<9}{seconds * 1e3:>8.0f}ms{guess * 1e3:>10.0f}ms"
             f"{errors[n, strategy]:>+8.1%}"
         )
     return errors
+
+
+def plot_measured(measured: dict, projected: dict, link: Link) -> None:
+    """Bars: each strategy's step measured under the emulated link beside its projection
+    (Projections), the projection's exposed communication hatched on top of its compute."""
+    from matplotlib.figure import Figure
+
+    sizes = sorted({n for n, _ in measured})
+    fig = Figure(figsize=(4 + 2.5 * len(sizes), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+    for ax, n in zip(axes, sizes, strict=True):
+        xs = range(len(STRATEGIES))
+        got = [measured[n, s] * 1e3 for s in STRATEGIES]
+        rows = [projected[n, s] for s in STRATEGIES]
+        busy = [(r.compute_s + r.optimizer_s) * 1e3 for r in rows]
+        exposed = [r.exposed_comm_s * 1e3 for r in rows]
+        ax.bar([x - 0.2 for x in xs], got, 0.4, color="#4C72B0", label="measured under emulation")
+        right = [x + 0.2 for x in xs]
+        ax.bar(right, busy, 0.4, color="#DD8452", label="projection: compute + Adam")
+        ax.bar(right, exposed, 0.4, bottom=busy, color="#DD8452", alpha=0.5, hatch="//")
+        ax.bar(right, [0] * len(rows), 0.4, color="none", hatch="//", label="… exposed comm")
+        ax.set_xticks(list(xs), STRATEGIES)
+        ax.set(ylabel="step (ms, this machine)", title=f"N = {n}")
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    fig.suptitle(f"measured under {link.describe()}, and the projection", fontsize=10)
+    _show(fig)
 
 
 # -- projected to 1,024 GPUs -----------------------------------------------------------------
@@ -131,7 +160,7 @@ def plot_scaling(rows: dict, title: str) -> None:
             color = COLORS[strategy]
             time_ax.plot(sizes, [s * 1e3 for s in step], "o-", color=color, label=strategy)
             eff_ax.plot(sizes, [step[0] / s for s in step], "o-", color=color, label=strategy)
-        time_ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="step (ms)")
+        time_ax.set(xlabel="GPUs", ylabel="step (ms)", ylim=(0, None))
         time_ax.set_title(f"projection: step time, {label}")
         eff_ax.set(xscale="log", ylim=(0, 1.05), xlabel="GPUs", ylabel="scaling efficiency")
         eff_ax.set_title(f"projection: efficiency, {label}")
@@ -203,10 +232,7 @@ def bucket_per_unit_cases(seed: int = 0, cases: int = 12):
         numel = torch.randint(8_000_000, 40_000_000, (units,), generator=g).tolist()
         forward = (torch.rand(units, generator=g) * 0.01).tolist()
         profile = StepProfile(
-            [
-                UnitProfile(f"unit{i}", [numel[i]], forward[i], 2 * forward[i])
-                for i in range(units)
-            ],
+            [UnitProfile(f"unit{i}", [numel[i]], forward[i], 2 * forward[i]) for i in range(units)],
             optimizer_s=float(torch.rand((), generator=g)) * 0.01,
             element_size=2,
         )
