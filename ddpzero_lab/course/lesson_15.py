@@ -244,7 +244,8 @@ def decision_table(plans: dict) -> dict:
     """For each (model, GPUs): how many layouts fit, the fastest one, and the best plain
     data-parallel one (tp = pp = 1) for comparison. Returns {key: (fastest, best plain)}."""
     print(
-        f"{'model':<6}{'GPUs':>6}{'fit':>9}  {'fastest layout':<30}{'step s':>8}{'MFU':>6}"
+        f"{'model':<6}{'GPUs':>6}{'fit':>9}  {'fastest layout':<30}{'step s':>7}{'GB/GPU':>7}"
+        f"{'MFU':>5}"
         f"   {'best with tp = pp = 1'}"
     )
     out = {}
@@ -255,9 +256,10 @@ def decision_table(plans: dict) -> dict:
         best_plain = plain[0] if plain and plain[0].fits else None
         out[model, gpus] = (fastest, best_plain)
         first = (
-            f"{fastest.name:<30}{fastest.step_s:>8.2f}{fastest.mfu:>6.0%}"
+            f"{fastest.name:<30}{fastest.step_s:>7.2f}{fastest.memory['total'] / 1e9:>7.1f}"
+            f"{fastest.mfu:>5.0%}"
             if fastest
-            else f"{'nothing fits':<44}"
+            else f"{'nothing fits':<49}"
         )
         if best_plain:
             second = f"{best_plain.strategy} {best_plain.step_s:.2f} s"
