@@ -70,24 +70,38 @@ _fault_hook: Callable | None = None
 _unsupported: set[tuple[str, torch.dtype, str]] = set()
 
 
-def traffic() -> dict[str, dict[str, float]]:
-    """This rank's counters: {op: {"calls", "bytes", "sent", "recv", "seconds"}} (a copy).
+def bytes_source(op: str) -> str:
+    """Where an op's "sent" and "recv" figures come from: "model" for a built-in collective
+    (the ring or chain model of cost_model.py for N ranks: what the algorithm sends, not what
+    the transport did: comm/wire.py measures that), "payload" for point-to-point ops and the
+    rings of ring.py built from them (the bytes handed to send and recv, exactly; the
+    transport adds its headers)."""
+    return "payload" if op in ("send", "recv") or op.startswith("ring_") else "model"
+
+
+def _labelled(counters: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    return {op: {**values, "source": bytes_source(op)} for op, values in counters.items()}
+
+
+def traffic() -> dict[str, dict[str, Any]]:
+    """This rank's counters: {op: {"calls", "bytes", "sent", "recv", "seconds", "source"}}
+    (a copy). "source" says what the byte figures are: "model" or "payload" (bytes_source).
 
     On a GPU, ops still waiting for their CUDA events to be read are read first (a sync)."""
     if _gpu_pending:
         flush_gpu_timing()
     with _lock:
-        return {op: dict(values) for op, values in _counters.items()}
+        return _labelled(_counters)
 
 
-def traffic_by_group() -> dict[str, dict[str, dict[str, float]]]:
+def traffic_by_group() -> dict[str, dict[str, dict[str, Any]]]:
     """This rank's counters per process group: {"world" or the group's ranks ("0,2"): {op:
-    {"calls", "bytes", "sent", "recv", "seconds"}}} (a copy): a mesh's data- and
+    {"calls", "bytes", "sent", "recv", "seconds", "source"}}} (a copy): a mesh's data- and
     tensor-parallel traffic apart."""
     if _gpu_pending:
         flush_gpu_timing()
     with _lock:
-        return {g: {op: dict(v) for op, v in ops.items()} for g, ops in _by_group.items()}
+        return {g: _labelled(ops) for g, ops in _by_group.items()}
 
 
 def reset_traffic() -> None:

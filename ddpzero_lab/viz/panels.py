@@ -278,7 +278,8 @@ def draw_shards(axes, snap: dict[str, Any], legend: bool = True) -> dict[str, np
 
 def draw_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, float]:
     """Cumulative bytes sent per rank over time, with the model's expectation (expected
-    bytes per step x completed steps) as dashed lines. Returns {rank: bytes sent so far}."""
+    bytes per step x completed steps) as dashed lines. The title says which figures are the
+    model's and which are payload counted. Returns {rank: bytes sent so far}."""
     series = snap["sent_over_time"]
     if not series:
         _empty(ax, "traffic", "no collectives yet")
@@ -308,7 +309,13 @@ def draw_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, flo
             )
     ax.set_xlabel("seconds", fontsize=8)
     ax.set_ylabel("MB sent (cumulative)", fontsize=8)
-    ax.set_title("traffic: sent per rank (dashed: model x steps)", fontsize=9, loc="left")
+    # the figures are the ring model's for collectives and the payload for send/recv
+    # (comm.bytes_source); comm.wire measures what the transport really sent
+    ax.set_title(
+        "sent per rank: ring model (collectives), payload (send/recv); dashed: model x steps",
+        fontsize=8,
+        loc="left",
+    )
     add_legend(ax, legend)
     return totals
 
