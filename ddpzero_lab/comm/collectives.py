@@ -599,7 +599,10 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
             record(op, nbytes, sent, recv, start, end, tag, seq, **extra)
         else:  # the emulated link's time counts; the real end is kept beside it
             emulated = max(end, not_before)
-            record(op, nbytes, sent, recv, start, emulated, tag, seq, real_end=end, **extra)
+            desc = emulator.link.describe()  # what a picture of these times must say
+            record(
+                op, nbytes, sent, recv, start, emulated, tag, seq, real_end=end, link=desc, **extra
+            )
 
     if async_op and work is not None:
         return TimedWork(work, done, entry, gpu, not_before)

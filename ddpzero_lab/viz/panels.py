@@ -380,7 +380,10 @@ def draw_timeline(
     ranks = sorted({r for r, *_ in shown})
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks], fontsize=7)
     ax.set_xlabel("seconds", fontsize=8)
-    ax.set_title("timeline: compute (grey) and collectives", fontsize=9, loc="left")
+    title = "timeline: compute (grey) and collectives"
+    if snap.get("link"):  # the collectives' times are an emulated link's: say which
+        title += f"\n{snap['link']}"
+    ax.set_title(title, fontsize=9 if not snap.get("link") else 8, loc="left")
     add_legend(ax, legend)
     return drawn
 

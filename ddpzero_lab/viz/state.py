@@ -49,6 +49,7 @@ class DashboardState:
         self.events_seen = 0
         self.steps_seen = 0  # the highest step any rank reported, plus one: the status line's
         self.t0: float | None = None
+        self.link: str | None = None  # the emulated link the collectives' times are on, if any
         # bumped whenever a panel's data changes: the dashboard redraws only those panels
         self.versions: dict[str, int] = dict.fromkeys(
             ("memory", "shards", "traffic", "timeline", "loss"), 0
@@ -107,6 +108,8 @@ class DashboardState:
         total = (series[-1][1] if series else 0.0) + float(e.get("sent", 0) or 0)
         series.append((end, total))
         self.intervals.append((e.rank, str(e["op"]), start, end))
+        if e.get("link"):
+            self.link = str(e["link"])
 
     def _step(self, e: Event) -> None:
         # forward start and backward end are in the event; older recordings have only the
@@ -134,6 +137,7 @@ class DashboardState:
                 "events_seen": self.events_seen,
                 "versions": dict(self.versions),
                 "t0": self.t0,
+                "link": self.link,
                 "expected_memory": self._expected_memory(),
                 "expected_sent_per_step": self._expected_traffic(),
             }
