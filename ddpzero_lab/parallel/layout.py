@@ -48,14 +48,22 @@ def parameter_layout(module: nn.Module) -> list[dict]:
         if isinstance(layer, ColumnParallelLinear):
             rows, group = layer.rows, group_label(layer.group)
             split[id(layer.weight)] = (
-                [layer.out_features, layer.in_features], 0, rows.start, rows.stop, group
+                [layer.out_features, layer.in_features],
+                0,
+                rows.start,
+                rows.stop,
+                group,
             )
             if layer.bias is not None:
                 split[id(layer.bias)] = ([layer.out_features], 0, rows.start, rows.stop, group)
         elif isinstance(layer, RowParallelLinear):
             cols, group = layer.columns, group_label(layer.group)
             split[id(layer.weight)] = (
-                [layer.out_features, layer.in_features], 1, cols.start, cols.stop, group
+                [layer.out_features, layer.in_features],
+                1,
+                cols.start,
+                cols.stop,
+                group,
             )
     entries = []
     for name, p in module.named_parameters():
@@ -63,8 +71,14 @@ def parameter_layout(module: nn.Module) -> list[dict]:
             id(p), (list(p.shape), REPLICATED, 0, p.shape[0] if p.dim() else 1, "")
         )
         entries.append(
-            {"name": name, "shape": shape, "tp_dim": dim, "start": start, "end": end,
-             "tp_group": group}
+            {
+                "name": name,
+                "shape": shape,
+                "tp_dim": dim,
+                "start": start,
+                "end": end,
+                "tp_group": group,
+            }
         )
     return entries
 

@@ -52,7 +52,7 @@ def _key(ax, label: str, color, hatch=None) -> None:
 
 
 def coordinates_text(coords: dict[str, Any]) -> str:
-    """"dp 0 · tp 1" (pp where present) from a rank's `mesh` fields."""
+    """The rank's place, e.g. "dp 0 · tp 1" (pp where present), from its `mesh` fields."""
     parts = [f"{d} {coords[d + '_index']}" for d in DIM_ORDER if f"{d}_index" in coords]
     return " · ".join(parts)
 
@@ -98,6 +98,11 @@ def cell_mask(entry: dict, owners: list | None, dp_rank: int, rows=CELL_ROWS, co
         if owner in (dp_rank, REPLICATED):
             mine |= (local >= lo) & (local < hi)
     return np.where(held, np.where(mine, 2, 1), 0).astype(np.int8)
+
+
+def _short(name: str, width: int = 12) -> str:
+    """A parameter's name as the tick beside its row has room for: its end."""
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
 def _dp_rank(rank: int, coords: dict[str, Any]) -> int:
@@ -170,7 +175,9 @@ def draw_mesh(ax, snap: dict[str, Any], legend: bool = True) -> dict[str, Any]:
     labels = {r: coordinates_text(coordinates.get(r, {})) for r in ranks}
     ax.set_xticks(range(len(ranks)), [f"rank {r}\n{labels[r]}".strip() for r in ranks])
     ax.set_yticks(
-        range(len(names)), [f"{n} {'×'.join(map(str, shapes[n]))}" for n in names], fontsize=6
+        range(len(names)),
+        [f"{_short(n)}\n{'×'.join(map(str, shapes[n]))}" for n in names],
+        fontsize=6 if len(names) <= 6 else 5,
     )
     for index in sorted(s for s in slices if s != REPLICATED):
         _key(ax, f"TP slice {index}", P._rank_color(index))
@@ -200,6 +207,11 @@ def group_names(coordinates: dict[int, dict[str, Any]]) -> dict[str, str]:
     return {label: "+".join(dims) for label, dims in names.items()}
 
 
+def _dims_first(kind: str) -> tuple[int, str]:
+    first = kind.split("+")[0]
+    return (DIM_ORDER.index(first) if first in DIM_ORDER else len(DIM_ORDER), kind)
+
+
 def _unit(largest: float) -> tuple[float, str]:
     for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if largest >= scale:
@@ -216,16 +228,10 @@ def draw_group_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[in
         P._empty(ax, "traffic per process group", "no collectives yet")
         return {}
     kinds = group_names(snap.get("coordinates", {}))
-
-    def order(label: str):
-        kind = kinds.get(label, "world" if label == "world" else "")
-        first = kind.split("+")[0]
-        return (DIM_ORDER.index(first) if first in DIM_ORDER else len(DIM_ORDER), label)
-
     ranks = sorted(traffic)
-    # bars side by side by the group's kind: each rank's dp bar in the same place
-    slots = sorted({kinds.get(g, g) for r in ranks for g in traffic[r]}, key=lambda k: (
-        DIM_ORDER.index(k.split("+")[0]) if k.split("+")[0] in DIM_ORDER else 9, k))
+    # bars side by side by the group's kind (dp, tp, pp, others): each rank's dp bar in the
+    # same place
+    slots = sorted({kinds.get(g, g) for r in ranks for g in traffic[r]}, key=_dims_first)
     width = 0.8 / len(slots)
     largest = max(sum(v.values()) for r in ranks for v in traffic[r].values())
     scale, unit = _unit(largest)
@@ -233,7 +239,7 @@ def draw_group_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[in
     placed: dict[str, list] = {}
     for rank in ranks:
         drawn[rank] = {}
-        for label in sorted(traffic[rank], key=order):
+        for label in sorted(traffic[rank], key=lambda g: _dims_first(kinds.get(g, g))):
             entry = traffic[rank][label]
             drawn[rank][label] = dict(entry)
             slot = slots.index(kinds.get(label, label))
@@ -257,7 +263,7 @@ def draw_group_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[in
         for x, m, c, label in bars:
             if m + c > 0:
                 ax.text(x, m + c, label, ha="center", va="bottom", fontsize=5, color="0.3")
-    ax.set_xlim(-0.5, len(ranks) - 0.5 if ranks == list(range(len(ranks))) else max(ranks) + 0.5)
+    ax.set_xlim(min(ranks) - 0.5, max(ranks) + 0.5)
     ax.set_ylim(0, 1.18 * largest / scale)
     coordinates = snap.get("coordinates", {})
     ax.set_xticks(
@@ -325,8 +331,10 @@ def draw_pipeline(ax, snap: dict[str, Any], legend: bool = True) -> dict[str, An
     ax.set_xlim(0, span * 1.01)
     ax.set_ylim(p - 0.5, -0.5)
     ax.set_yticks(
-        [events[r]["stage"] for r in stages], [f"stage {events[r]['stage']} (rank {r})"
-                                               for r in stages])  # fmt: skip
+        [events[r]["stage"] for r in stages],
+        [f"stage {events[r]['stage']}\nrank {r}" for r in stages],
+        fontsize=7,
+    )
     link = any_event.get("link")
     ax.set_xlabel(
         "seconds since the step began, " + (f"measured under {link}" if link else "real time"),

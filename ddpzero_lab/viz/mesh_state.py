@@ -47,9 +47,7 @@ class MeshState:
         if kind == "collective":
             group = str(event.get("group") or "world")
             by_model = "counted" if counted(str(event["op"])) else "model"
-            entry = self.group_traffic[event.rank].setdefault(
-                group, {"model": 0.0, "counted": 0.0}
-            )
+            entry = self.group_traffic[event.rank].setdefault(group, {"model": 0.0, "counted": 0.0})
             entry[by_model] += float(event.get("sent", 0) or 0)
             return ("group_traffic",)
         if kind == "pipeline":
