@@ -5,6 +5,8 @@ replayed from the recorded events."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,30 @@ def test_panels_without_their_events_say_what_to_send():
     assert dash.drawn["group_traffic"] == {} and dash.drawn["pipeline"] == {}
     with pytest.raises(ValueError, match="group_traffic"):
         dzl.Dashboard(panels=("mesh", "no such panel"))
+
+
+@pytest.mark.parametrize("panel", MESH_PANELS)
+def test_a_blitted_frame_equals_a_full_draw(live, panel):
+    """A live frame pastes the background and draws only the data: its pixels must be those of
+    a full draw of the same snapshot."""
+    from PIL import Image
+
+    from ddpzero_lab.viz.dashboard import _draw_on
+    from ddpzero_lab.viz.state import load_events
+
+    events = load_events(live[2])
+    dash = dzl.Dashboard(panels=(panel,))
+    dash.render()  # empty first, as when displayed before the job
+    for event in events[: len(events) // 2]:
+        dash.state.update(event)
+    dash.render()
+    for event in events[len(events) // 2 :]:
+        dash.state.update(event)
+    canvas, snap = dash._canvases[panel], dash.state.snapshot()
+    draw = lambda axes, legend: _draw_on(axes, panel, snap, legend)  # noqa: E731
+    _, blitted = canvas.frame(draw)
+    _, again = canvas.frame(draw)
+    canvas._key = None  # force the full path
+    _, full = canvas.frame(draw)
+    pixels = [np.asarray(Image.open(io.BytesIO(png))) for png in (blitted, again, full)]
+    assert np.array_equal(pixels[0], pixels[2]) and np.array_equal(pixels[1], pixels[2])

@@ -100,6 +100,15 @@ def cell_mask(entry: dict, owners: list | None, dp_rank: int, rows=CELL_ROWS, co
     return np.where(held, np.where(mine, 2, 1), 0).astype(np.int8)
 
 
+def _shape_text(entry: dict) -> str:
+    """The full shape and how tensor parallelism splits it (by rows of W in a column-parallel
+    layer, by columns in a row-parallel one)."""
+    shape, dim = "×".join(map(str, entry["shape"])), int(entry["tp_dim"])
+    if dim == REPLICATED:
+        return f"{shape} whole"
+    return f"{shape} split" if len(entry["shape"]) == 1 else f"{shape} {('rows', 'cols')[dim]}"
+
+
 def _short(name: str, width: int = 12) -> str:
     """A parameter's name as the tick beside its row has room for: its end."""
     return name if len(name) <= width else "…" + name[-(width - 1) :]
@@ -130,12 +139,12 @@ def draw_mesh(ax, snap: dict[str, Any], legend: bool = True) -> dict[str, Any]:
         return {"cells": {}, "coordinates": {}}
     ranks = sorted(set(layouts) | set(coordinates))
     names: list[str] = []
-    shapes: dict[str, list] = {}
+    shapes: dict[str, str] = {}  # name -> "16×8, rows split": the tick beside its row
     for rank in ranks:
         for entry in layouts.get(rank, []):
             if entry["name"] not in shapes:
                 names.append(entry["name"])
-                shapes[entry["name"]] = entry["shape"]
+                shapes[entry["name"]] = _shape_text(entry)
     shard_map = snap.get("shard_map")
     cells, slices = {}, set()
     for row, name in enumerate(names):
@@ -176,7 +185,7 @@ def draw_mesh(ax, snap: dict[str, Any], legend: bool = True) -> dict[str, Any]:
     ax.set_xticks(range(len(ranks)), [f"rank {r}\n{labels[r]}".strip() for r in ranks])
     ax.set_yticks(
         range(len(names)),
-        [f"{_short(n)}\n{'×'.join(map(str, shapes[n]))}" for n in names],
+        [f"{_short(n)}\n{shapes[n]}" for n in names],
         fontsize=6 if len(names) <= 6 else 5,
     )
     for index in sorted(s for s in slices if s != REPLICATED):
