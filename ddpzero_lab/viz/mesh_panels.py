@@ -242,7 +242,7 @@ def draw_group_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[in
     # same place
     slots = sorted({kinds.get(g, g) for r in ranks for g in traffic[r]}, key=_dims_first)
     width = 0.8 / len(slots)
-    largest = max(sum(v.values()) for r in ranks for v in traffic[r].values())
+    largest = max([sum(v.values()) for r in ranks for v in traffic[r].values()] + [1.0])
     scale, unit = _unit(largest)
     drawn: dict[int, dict] = {}
     placed: dict[str, list] = {}
