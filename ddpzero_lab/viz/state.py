@@ -17,6 +17,7 @@ from typing import Any
 
 from ..memory import zero_memory_estimate
 from ..telemetry import Event
+from .mesh_state import MESH_PANELS, MeshState
 
 MEMORY_PARTS = ("params", "grads", "optimizer", "activations", "buffers", "scratch")
 # The ZeRO stage whose formula describes each strategy's model state.
@@ -50,9 +51,10 @@ class DashboardState:
         self.steps_seen = 0  # the highest step any rank reported, plus one: the status line's
         self.t0: float | None = None
         self.link: str | None = None  # the emulated link the collectives' times are on, if any
+        self.mesh = MeshState()  # coordinates, layouts, traffic per group, pipeline steps
         # bumped whenever a panel's data changes: the dashboard redraws only those panels
         self.versions: dict[str, int] = dict.fromkeys(
-            ("memory", "shards", "traffic", "timeline", "loss"), 0
+            ("memory", "shards", "traffic", "timeline", "loss", *MESH_PANELS), 0
         )
 
     # -- folding ---------------------------------------------------------------------------
@@ -62,6 +64,7 @@ class DashboardState:
             if event.rank >= 0:
                 self.ranks.add(event.rank)
             kind = event.kind
+            self._bump(*self.mesh.update(event))
             if kind == "memory":
                 self._memory(event)
                 self._bump("memory", "traffic")  # steps completed move the expectation
@@ -140,6 +143,7 @@ class DashboardState:
                 "link": self.link,
                 "expected_memory": self._expected_memory(),
                 "expected_sent_per_step": self._expected_traffic(),
+                **self.mesh.snapshot(),
             }
 
     def _world_size(self) -> int:
