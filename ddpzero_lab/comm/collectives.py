@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from .. import telemetry
 from . import flight, link
-from .cost_model import traffic_model
+from .cost_model import bytes_source, traffic_model
 
 _FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
 _lock = threading.Lock()
@@ -68,15 +68,6 @@ _sequences: dict[Any, tuple[Any, str]] = {}
 _fault_hook: Callable | None = None
 # (op, dtype, backend) combinations the backend refused; the fallback runs at once next time.
 _unsupported: set[tuple[str, torch.dtype, str]] = set()
-
-
-def bytes_source(op: str) -> str:
-    """Where an op's "sent" and "recv" figures come from: "model" for a built-in collective
-    (the ring or chain model of cost_model.py for N ranks: what the algorithm sends, not what
-    the transport did: comm/wire.py measures that), "payload" for point-to-point ops and the
-    rings of ring.py built from them (the bytes handed to send and recv, exactly; the
-    transport adds its headers)."""
-    return "payload" if op in ("send", "recv") or op.startswith("ring_") else "model"
 
 
 def _labelled(counters: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:

@@ -11,17 +11,17 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from typing import Any
 
+from ..comm.cost_model import bytes_source
 from ..telemetry import Event
 
 MESH_PANELS = ("mesh", "group_traffic", "pipeline")  # the panels this state feeds
-# Bytes a rank sends in these ops are counted as they go (the message sizes, or ring.py's own
-# rings); for every other op they are the cost model's figures for the op asked for.
-COUNTED_OPS = ("send", "recv", "ring_all_reduce", "ring_reduce_scatter", "ring_all_gather")
 PIPELINE_STEPS_KEPT = 4  # per rank: enough to find the newest step every stage has reported
 
 
 def counted(op: str) -> bool:
-    return op in COUNTED_OPS
+    """Whether the bytes a rank sends in `op` are counted as they go (the message sizes, or
+    ring.py's own rings) rather than the cost model's figures for the op asked for."""
+    return bytes_source(op) == "payload"
 
 
 class MeshState:
