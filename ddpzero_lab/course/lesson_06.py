@@ -207,13 +207,35 @@ def traffic_line(measured: dict, world_size: int, num_params: int) -> None:
 
 
 # -- overlap under an emulated link ------------------------------------------------------------
-def scaled_link(cluster, name: str = "nvlink4", accelerator: str = "h100"):
-    """The preset `name` scaled to `accelerator`, by the compute rate the ranks measure (one
-    thread each, all at once, as they compute in a step): the step's ratio of compute to
-    communication is then the accelerator's."""
-    from ..comm.link import Link, compute_rate
+def _compute_rate_on_rank(size: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of this rank's float32 matmuls on its device (link.compute_rate on a CPU)."""
+    import torch
 
-    rates = cluster.run(compute_rate)
+    from .. import device
+    from ..comm.link import compute_rate
+
+    here = device()
+    if here.type != "cuda":
+        return compute_rate()  # the rank's own threads, as it computes in a step
+    a, b = torch.randn(size, size, device=here), torch.randn(size, size, device=here)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize(here)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        torch.cuda.synchronize(here)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def scaled_link(cluster, name: str = "nvlink4", accelerator: str = "h100"):
+    """The preset `name` scaled to `accelerator`, by the compute rate the ranks measure on
+    their device (on a CPU one thread each, all at once, as they compute in a step): a step's
+    ratio of compute to communication is then the accelerator's."""
+    from ..comm.link import Link
+
+    rates = cluster.run(_compute_rate_on_rank)
     return Link.preset(name, accelerator, compute_flops=statistics.median(rates))
 
 
