@@ -190,7 +190,7 @@ def _draw_phase_peaks(ax, snap: dict[str, Any], ranks: list[int]) -> list[float]
                 [rank + offset],
                 [value / MB],
                 marker="_",
-                markersize=11,
+                markersize=16,
                 markeredgewidth=3,
                 color="0.6",
                 linestyle="none",
