@@ -4,7 +4,10 @@ The notebook teaches the byte counts and the ZeRO stage formulas and keeps the t
 in view; this module owns what only gathers, prints and draws: the memory events of a job by
 (rank, step, phase), the measured-against-formula table, the phase-by-phase bars, the
 activation plot, Table 1 of the ZeRO paper, the stage curves, and the model-state bytes of one
-step under each ZeRO stage measured on the ranks.
+step under each ZeRO stage measured on the ranks. Section 6 (peak versus at rest): each
+strategy's peak per phase against the peak formula, drawn with the dashboard's memory panel;
+the tiny GPT's activations against batch and sequence length; activation checkpointing's
+saving and its step-time cost, timed with plain and checkpointed steps interleaved.
 """
 
 from __future__ import annotations
