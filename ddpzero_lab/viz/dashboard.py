@@ -305,6 +305,12 @@ class Dashboard:
                 widget.close()
         self._widget, self._status, self._images = None, None, {}
 
+    def expect_peak(self, estimate: dict[str, float] | None) -> Dashboard:
+        """Show a peak formula per phase (`dzl.peak_memory_estimate_for(...)`'s dict) beside
+        each rank's measured peaks on the memory panel; None removes it."""
+        self.state.expect_peak(estimate)
+        return self
+
     # -- drawing ----------------------------------------------------------------------------
     def feed(self, events: Iterable[Event]) -> Dashboard:
         """Fold events in without a cluster (replay, tests), then draw (axes fitted)."""
@@ -350,7 +356,13 @@ class Dashboard:
         """What decides a panel's picture: its version, or for the panels that a step
         usually leaves as they were (memory, shards), the data itself."""
         if panel == "memory":
-            return (snap["memory"], snap["peak"], snap["expected_memory"])
+            return (
+                snap["memory"],
+                snap["peak"],
+                snap["expected_memory"],
+                snap["phase_peaks"],
+                snap["expected_peak"],
+            )
         if panel == "shards":
             return snap["versions"]["shards"]
         return snap["versions"][panel]

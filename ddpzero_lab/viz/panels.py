@@ -110,8 +110,11 @@ def _empty(ax, title: str, why: str) -> None:
 
 def draw_memory(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, dict[str, float]]:
     """Stacked bar per rank (its latest phase, preferring after_backward, where grads and
-    optimizer state coexist) by category; the formula's value as a black tick beside each bar;
-    the rank's peak as a dashed line. Returns {rank: {category: bytes}} as drawn."""
+    optimizer state coexist) by category; the formula's value as a black tick beside each bar.
+    Where the memory tracker reported peaks: one letter per phase (F forward, B backward,
+    S step) at the rank's highest peak of that phase, with the peak formula's value
+    (`Dashboard.expect_peak`) as a grey bar behind it; otherwise the highest total seen, as
+    a dashed line. Returns {rank: {category: bytes}} as drawn."""
     memory = snap["memory"]
     ranks = sorted({r for r, _ in memory})
     if not ranks:
@@ -133,16 +136,18 @@ def draw_memory(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, dict
         values = np.array([drawn[r].get(part, 0.0) / MB for r in ranks])
         _boxes(ax, ranks, bottom, 0.6, values, PART_COLORS[part], gid=f"mem:{part}", label=part)
         bottom += values
-    peaks = [snap["peak"].get(r, 0.0) / MB for r in ranks]
-    ax.hlines(
-        peaks,
-        np.array(ranks) - 0.35,
-        np.array(ranks) + 0.35,
-        colors="k",
-        linestyles="dashed",
-        linewidth=0.8,
-        gid="peak",
-    )
+    heights = _draw_phase_peaks(ax, snap, ranks)
+    if not snap.get("phase_peaks"):  # an older recording: the highest total seen
+        heights = [snap["peak"].get(r, 0.0) / MB for r in ranks]
+        ax.hlines(
+            heights,
+            np.array(ranks) - 0.35,
+            np.array(ranks) + 0.35,
+            colors="k",
+            linestyles="dashed",
+            linewidth=0.8,
+            gid="peak",
+        )
     for rank, value in snap.get("expected_memory", {}).items():
         ax.plot(
             [rank + 0.38],
@@ -151,20 +156,61 @@ def draw_memory(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, dict
             color="k",
             markersize=7,
             gid=f"formula:{rank}",
-            label="ZeRO formula" if rank == 0 else None,
+            label="ZeRO formula (at rest)" if rank == 0 else None,
         )
     formula = [v / MB for v in snap.get("expected_memory", {}).values()]
-    ax.set_ylim(0, 1.12 * max([*bottom, *peaks, *formula, 1e-9]))
+    ax.set_ylim(0, 1.12 * max([*bottom, *heights, *formula, 1e-9]))
     ax.set_xticks(ranks)
     ax.set_xlabel("rank", fontsize=8)
     ax.set_ylabel("MB", fontsize=8)
     ax.set_title(
-        "memory per rank (model state + activations; ◄ ZeRO formula, -- peak)",
+        "memory per rank (bars: held after backward; F B S: peak of forward, backward, step)",
         fontsize=9,
         loc="left",
     )
     add_legend(ax, legend)
     return drawn
+
+
+# x offsets of the phases' peak markers within a rank's bar: left to right in step order
+PEAK_OFFSETS = {"forward": -0.18, "backward": 0.0, "step": 0.18}
+
+
+def _draw_phase_peaks(ax, snap: dict[str, Any], ranks: list[int]) -> list[float]:
+    """The tracker's peak per rank and phase as a letter, the formula's as a grey bar behind
+    it (gids "peak:<phase>:<rank>", "peak_formula:<phase>:<rank>"); returns the heights in MB."""
+    peaks, expected = snap.get("phase_peaks", {}), snap.get("expected_peak", {})
+    heights = []
+    for phase, offset in PEAK_OFFSETS.items():
+        value = expected.get(phase)
+        for i, rank in enumerate(ranks if value is not None else ()):
+            heights.append(value / MB)
+            # drawn first: the measured letter sits on it when the two agree
+            ax.plot(
+                [rank + offset],
+                [value / MB],
+                marker="_",
+                markersize=16,
+                markeredgewidth=3,
+                color="0.6",
+                linestyle="none",
+                gid=f"peak_formula:{phase}:{rank}",
+                label="peak formula" if i == 0 and phase == "forward" else None,
+            )
+        letter = f"${phase[0].upper()}$"
+        for i, rank in enumerate(r for r in ranks if (r, phase) in peaks):
+            heights.append(peaks[(rank, phase)] / MB)
+            ax.plot(
+                [rank + offset],
+                [peaks[(rank, phase)] / MB],
+                marker=letter,
+                markersize=7,
+                color="k",
+                linestyle="none",
+                gid=f"peak:{phase}:{rank}",
+                label="peak per phase" if i == 0 and phase == "forward" else None,
+            )
+    return heights
 
 
 def shard_image(entries: list[dict], kind: str, world_size: int, width: int = 120) -> np.ndarray:

@@ -20,6 +20,8 @@ from ..telemetry import Event
 from .mesh_state import MESH_PANELS, MeshState
 
 MEMORY_PARTS = ("params", "grads", "optimizer", "activations", "buffers", "scratch")
+# the phase whose peak a memory event carries (the tracker's `peak` field): the one just ended
+PEAK_PHASES = {"after_forward": "forward", "after_backward": "backward", "after_step": "step"}
 # The ZeRO stage whose formula describes each strategy's model state.
 STRATEGY_STAGE = {"ddp": 0, "local": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 # Bytes each rank sends per step, in units of the gradient bytes B (ring models).
@@ -40,6 +42,10 @@ class DashboardState:
         self._lock = threading.Lock()
         self.memory: dict[tuple[int, str], dict[str, float]] = {}
         self.peak: dict[int, float] = defaultdict(float)
+        # the tracker's peak of each phase, the highest of the run: (rank, phase) -> bytes
+        self.phase_peaks: dict[tuple[int, str], float] = {}
+        # a peak formula per phase (peak_memory_estimate's dict), set by the learner
+        self.expected_peak: dict[str, float] = {}
         self.shard_map: dict[str, Any] | None = None
         self.traffic: dict[tuple[int, str], dict[str, float]] = {}
         self.sent_over_time: dict[int, list[tuple[float, float]]] = defaultdict(list)
@@ -95,6 +101,10 @@ class DashboardState:
         parts = {k: float(e.get(k, 0) or 0) for k in MEMORY_PARTS}
         self.memory[(e.rank, str(e["phase"]))] = parts
         self.peak[e.rank] = max(self.peak[e.rank], sum(parts.values()))
+        phase = PEAK_PHASES.get(str(e["phase"]))
+        if phase is not None and e.get("peak"):
+            key = (e.rank, phase)
+            self.phase_peaks[key] = max(self.phase_peaks.get(key, 0.0), float(e["peak"]))
         if e["phase"] == "after_step":
             self.steps[e.rank] = max(self.steps[e.rank], int(e.get("step", 0)) + 1)
             self.steps_seen = max(self.steps_seen, self.steps[e.rank])
@@ -130,6 +140,8 @@ class DashboardState:
             return {
                 "memory": dict(self.memory),
                 "peak": dict(self.peak),
+                "phase_peaks": dict(self.phase_peaks),
+                "expected_peak": dict(self.expected_peak),
                 "shard_map": self.shard_map,
                 "traffic": {k: dict(v) for k, v in self.traffic.items()},
                 "sent_over_time": {r: list(v) for r, v in self.sent_over_time.items()},
@@ -145,6 +157,14 @@ class DashboardState:
                 "expected_sent_per_step": self._expected_traffic(),
                 **self.mesh.snapshot(),
             }
+
+    def expect_peak(self, estimate: dict[str, float] | None) -> None:
+        """Draw `estimate`'s forward, backward and step bytes (peak_memory_estimate's dict)
+        beside each rank's measured peaks; None removes them."""
+        phases = tuple(PEAK_PHASES.values())
+        with self._lock:
+            self.expected_peak = {p: float(estimate[p]) for p in phases} if estimate else {}
+            self._bump("memory")
 
     def _world_size(self) -> int:
         if self.shard_map and self.shard_map.get("world_size"):
