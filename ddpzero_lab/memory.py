@@ -790,16 +790,22 @@ def _reducing(buckets: list[float], beside: list[float], a: float, n: int, recei
     held meanwhile, ZeRO-3's gathered unit) while bucket i-1's reduce-scatter is in flight
     (its full gradients and the slice it receives, and with `receive` the input-sized buffer
     of gloo's exchange) beside the slices reduced before: the reducer keeps one reduce-scatter
-    in flight. The activations `a` are counted whole while buckets fill (the first gradients
-    arrive with most of them still held) and not once the last bucket is sent."""
+    in flight. Or bucket i has just been launched, beside[i] still held (ZeRO-3 frees the
+    unit after launching its reduce-scatter). The activations `a` are counted whole while
+    buckets fill (the first gradients arrive with most of them still held) and not once a
+    bucket is sent."""
     extra = 1 + 1 / n + (1 if receive else 0)  # a bucket in flight, per byte of gradients
     worst = 0.0
     for i, filling in enumerate(buckets):
         in_flight = buckets[i - 1] * extra if i else 0.0
         reduced = sum(buckets[: max(i - 1, 0)]) / n
         worst = max(worst, a + beside[i] + filling + in_flight + reduced)
-    last = beside[-1] + buckets[-1] * extra + sum(buckets[:-1]) / n
-    return max(worst, last)
+        # bucket i just launched (bucket i-1 taken first: its slice kept), what is beside it
+        # still held (ZeRO-3 frees a unit after launching its reduce-scatter); the
+        # activations are counted as gone: the unit's backward has freed its own, and the
+        # first gradients' moment above counts them whole
+        worst = max(worst, beside[i] + filling * extra + sum(buckets[:i]) / n)
+    return worst
 
 
 def peak_memory_estimate_for(

@@ -410,3 +410,27 @@ def test_fallbacks_give_torchs_result_and_are_marked(ncluster):
         ("bf16", "float32"),
         ("again", "float32"),
     }
+
+
+def _labels_of_each_op():
+    dzl.reset_traffic()
+    comm.all_reduce(torch.ones(8))
+    if dzl.rank() == 0:
+        comm.send(torch.ones(4), 1)
+    elif dzl.rank() == 1:
+        comm.recv(torch.empty(4), 0)
+    comm.ring_all_reduce(torch.ones(8))
+    return (
+        {op: c["source"] for op, c in dzl.traffic().items()},
+        {op: c["source"] for op, c in dzl.comm.traffic_by_group()["world"].items()},
+    )
+
+
+def test_traffic_says_which_figures_are_model_and_which_payload(ncluster):
+    """dzl.traffic() labels its byte figures: the ring model for built-in collectives, the
+    payload handed to send/recv for point-to-point ops and the rings built from them."""
+    for labels, by_group in ncluster.run(_labels_of_each_op)[:2]:
+        assert labels["all_reduce"] == "model"
+        assert labels["ring_all_reduce"] == "payload"
+        assert labels.get("send", labels.get("recv")) == "payload"
+        assert by_group == labels

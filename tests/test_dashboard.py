@@ -498,3 +498,62 @@ def test_a_headless_notebook_saves_the_final_frame_as_a_png(tmp_path):
     assert pictures[0]["data"]["text/plain"].startswith("Dashboard(")
     assert "application/vnd.jupyter.widget-view+json" not in pictures[0]["data"]
     assert pictures[0]["metadata"]["image/png"]["width"] == width // 2
+
+
+def _phase_markers(ax, prefix: str) -> dict[tuple[str, int], int]:
+    """{(phase, rank): bytes} of the memory panel's markers whose gid starts with `prefix`."""
+    out = {}
+    for line in ax.lines:
+        gid = str(line.get_gid())
+        if gid.startswith(prefix + ":"):
+            _, phase, rank = gid.split(":")
+            out[(phase, int(rank))] = round(line.get_ydata()[0] * MB)
+    return out
+
+
+def test_memory_panel_marks_each_phases_peak_from_the_trackers_events():
+    # a real tracker in this process: two AdamW steps of a small MLP, its memory events fed in
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    events = []
+    tracker = dzl.memory.MemoryTracker(emit=False).attach(model, optimizer)
+    for step, batch in enumerate((16, 4)):  # the first step saves more activations
+        model(torch.randn(batch, 12)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        events += [
+            _ev("memory", 0, step + 0.1 * i, **f) for i, f in enumerate(tracker.last.values())
+        ]
+    tracker.detach()
+    by_phase = {}
+    for e in events:
+        phase = {"after_forward": "forward", "after_backward": "backward"}.get(e["phase"], "step")
+        by_phase.setdefault(phase, []).append(e["peak"])
+    assert len(by_phase["forward"]) == 2 and len(set(by_phase["forward"])) == 2
+    dash = dzl.Dashboard(panels=("memory",)).feed(events)
+    marks = _phase_markers(dash.figure().axes[0], "peak")
+    # each phase's marker is the highest peak the events report for it (the run's peak)
+    assert marks == {(phase, 0): max(values) for phase, values in by_phase.items()}
+    assert not _phase_markers(dash.figure().axes[0], "peak_formula")
+    # the formula, once given, is drawn per phase and rank
+    estimate = {"forward": 1000.0, "backward": 2000.0, "step": 3000.0, "peak": 3000.0}
+    dash.expect_peak(estimate)
+    ax = dash.figure().axes[0]
+    assert _phase_markers(ax, "peak_formula") == {
+        ("forward", 0): 1000,
+        ("backward", 0): 2000,
+        ("step", 0): 3000,
+    }
+    assert "peak per phase" in [line.get_label() for line in ax.lines]
+    assert ax.get_ylim()[1] * MB >= max(marks.values())  # every marker inside the axes
+    dash.expect_peak(None)
+    assert not _phase_markers(dash.figure().axes[0], "peak_formula")
+
+
+def test_memory_panel_without_peaks_draws_the_highest_total():
+    # a recording made before the tracker reported peaks: the dashed line, as before
+    ax = dzl.Dashboard(panels=("memory",)).feed(_log()).figure().axes[0]
+    assert not _phase_markers(ax, "peak")
+    dashed = [c for c in ax.collections if c.get_gid() == "peak"]
+    assert len(dashed) == 1

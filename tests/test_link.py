@@ -12,10 +12,13 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 
 import ddpzero_lab as dzl
 from ddpzero_lab import comm
 from ddpzero_lab.comm.link import ACCELERATORS, LINKS, Link
+from ddpzero_lab.viz.panels import draw_timeline
+from ddpzero_lab.viz.state import DashboardState
 
 # 25 MB/s and 2 ms per message: a 4 MB all-reduce takes 164 ms on it at N = 2, a
 # reduce-scatter 82 ms, against a few ms for the real transfer on loopback (and a busy
@@ -127,9 +130,18 @@ def test_events_keep_the_real_and_the_emulated_end(cluster):
     job.wait()
     events = {e["tag"]: e for e in job.events if e.kind == "collective" and e.rank == 0}
     emulated, real = events["emulated"], events["real"]
-    assert emulated["real_end"] < emulated["end"]
+    assert emulated["real_end"] <= emulated["end"]
     assert emulated["end"] - emulated["start"] >= SLOW.seconds("all_reduce", NUMEL * 4, 2)
     assert real.get("real_end") is None
+    # and say which link, so that a picture of them can: the dashboard's timeline does
+    assert emulated["link"] == SLOW.describe() and real.get("link") is None
+    state = DashboardState()
+    for event in job.events:
+        state.update(event)
+    assert state.snapshot()["link"] == SLOW.describe()
+    fig = Figure()
+    draw_timeline(fig.add_subplot(), state.snapshot())
+    assert SLOW.describe() in fig.axes[0].get_title(loc="left")
 
 
 def _wire_and_model(op: str, numel: int):

@@ -280,6 +280,10 @@ def test_peak_formula_terms():
     assert z3["forward"] == 16 * psi / n - 4 * psi / n + 4 * 600
     z3p = peak_memory_estimate(psi, n, "zero3", 0, unit_params=[600, 400], prefetch=True)
     assert z3p["forward"] == z3["forward"] + 4 * 400
+    # a large unit between two small ones: its reduce-scatter is launched (its full
+    # gradients and the slice it receives, beside the last unit's slice) before it is freed
+    big = peak_memory_estimate(psi, 2, "zero3", 0, unit_params=[100, 800, 100])
+    assert big["backward"] == 12 * psi / 2 + 4 * 800 + 4 * 800 * 1.5 + 4 * 100 / 2
     with pytest.raises(ValueError, match="strategy"):
         peak_memory_estimate(psi, n, "zero4")
 

@@ -24,8 +24,13 @@ STEPS, LOCAL_BATCH = 3, 4
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize(
     "strategy,options",
-    [("zero1", {}), ("zero2", {}), ("zero2", {"bucket_cap_mb": 1e-4})],
-    ids=["zero1", "zero2", "zero2-small-buckets"],
+    [
+        ("zero1", {}),
+        ("zero2", {}),
+        ("zero2", {"bucket_cap_mb": 1e-4}),
+        ("zero2", {"bucket_cap_mb": 1e-4, "overlap": False}),
+    ],
+    ids=["zero1", "zero2", "zero2-small-buckets", "zero2-no-overlap"],
 )
 def test_equals_single_process_training(ncluster, strategy, options, optimizer):
     # the model has a frozen parameter, a layer no rank ever uses and sizes no N divides
@@ -227,6 +232,28 @@ def test_sharded_state_dict_round_trip(ncluster, optimizer):
         assert_same_parameters(resumed, want)
 
 
+def _launches_against_backward_end(overlap: bool):
+    """Per bucket, seconds from its reduce-scatter's launch to the end of backward (> 0:
+    launched while backward still ran)."""
+    model, opt = dzl.parallelize(
+        make_model(), "zero2", optimizer=OPTIMIZERS["sgd"], bucket_cap_mb=1e-4, overlap=overlap
+    )
+    x, y = global_batch(0, dzl.world_size(), LOCAL_BATCH)
+    nn.functional.mse_loss(model(x), y).backward()
+    end = opt.reducer.backward_end
+    return [end - bucket.launched_at for bucket in opt.reducer.buckets]
+
+
+def test_zero2_overlap_switch_launches_during_or_after_backward(ncluster):
+    # one parameter per bucket: with overlap all but the last bucket can leave during
+    # backward; without it, every bucket leaves once backward has ended
+    for during in ncluster.run(_launches_against_backward_end, True):
+        assert len(during) > 2
+        assert sum(ahead > 0 for ahead in during) >= len(during) - 2
+    for after in ncluster.run(_launches_against_backward_end, False):
+        assert all(ahead <= 0 for ahead in after)
+
+
 def test_bad_options(ncluster):
     def run():
         try:
@@ -235,6 +262,14 @@ def test_bad_options(ncluster):
             return str(exc)
 
     assert all("bucket_cap_mb" in text for text in ncluster.run(run))
+
+    def overlap_for_stage_1():
+        try:
+            dzl.parallelize(make_model(), "zero1", optimizer=OPTIMIZERS["sgd"], overlap=False)
+        except TypeError as exc:
+            return str(exc)
+
+    assert all("overlap" in text for text in ncluster.run(overlap_for_stage_1))
 
 
 def _drop_in(steps, optimizer="adamw"):

@@ -18,7 +18,7 @@ from .collectives import (
     traffic,
     traffic_by_group,
 )
-from .cost_model import AlphaBeta, chunk_numels, fit_alpha_beta, traffic_model
+from .cost_model import AlphaBeta, bytes_source, chunk_numels, fit_alpha_beta, traffic_model
 from .link import Link, compute_rate, set_link
 from .probe import probe_alpha_beta
 from .ring import ring_all_gather, ring_all_reduce, ring_reduce_scatter
@@ -34,6 +34,7 @@ __all__ = [
     "backend_device",
     "barrier",
     "broadcast",
+    "bytes_source",
     "chunk_numels",
     "fit_alpha_beta",
     "flush_gpu_timing",

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from .. import telemetry
 from . import flight, link
-from .cost_model import traffic_model
+from .cost_model import bytes_source, traffic_model
 
 _FIELDS = ("calls", "bytes", "sent", "recv", "seconds")
 _lock = threading.Lock()
@@ -70,24 +70,29 @@ _fault_hook: Callable | None = None
 _unsupported: set[tuple[str, torch.dtype, str]] = set()
 
 
-def traffic() -> dict[str, dict[str, float]]:
-    """This rank's counters: {op: {"calls", "bytes", "sent", "recv", "seconds"}} (a copy).
+def _labelled(counters: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    return {op: {**values, "source": bytes_source(op)} for op, values in counters.items()}
+
+
+def traffic() -> dict[str, dict[str, Any]]:
+    """This rank's counters: {op: {"calls", "bytes", "sent", "recv", "seconds", "source"}}
+    (a copy). "source" says what the byte figures are: "model" or "payload" (bytes_source).
 
     On a GPU, ops still waiting for their CUDA events to be read are read first (a sync)."""
     if _gpu_pending:
         flush_gpu_timing()
     with _lock:
-        return {op: dict(values) for op, values in _counters.items()}
+        return _labelled(_counters)
 
 
-def traffic_by_group() -> dict[str, dict[str, dict[str, float]]]:
+def traffic_by_group() -> dict[str, dict[str, dict[str, Any]]]:
     """This rank's counters per process group: {"world" or the group's ranks ("0,2"): {op:
-    {"calls", "bytes", "sent", "recv", "seconds"}}} (a copy): a mesh's data- and
+    {"calls", "bytes", "sent", "recv", "seconds", "source"}}} (a copy): a mesh's data- and
     tensor-parallel traffic apart."""
     if _gpu_pending:
         flush_gpu_timing()
     with _lock:
-        return {g: {op: dict(v) for op, v in ops.items()} for g, ops in _by_group.items()}
+        return {g: _labelled(ops) for g, ops in _by_group.items()}
 
 
 def reset_traffic() -> None:
@@ -585,7 +590,10 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
             record(op, nbytes, sent, recv, start, end, tag, seq, **extra)
         else:  # the emulated link's time counts; the real end is kept beside it
             emulated = max(end, not_before)
-            record(op, nbytes, sent, recv, start, emulated, tag, seq, real_end=end, **extra)
+            desc = emulator.link.describe()  # what a picture of these times must say
+            record(
+                op, nbytes, sent, recv, start, emulated, tag, seq, real_end=end, link=desc, **extra
+            )
 
     if async_op and work is not None:
         return TimedWork(work, done, entry, gpu, not_before)

@@ -142,3 +142,12 @@ def fit_alpha_beta(
     beta = max(sxy / sxx, 0.0)
     alpha = max(mean_y - beta * mean_x, 0.0)
     return AlphaBeta(alpha=alpha, beta=beta, gamma=gamma)
+
+
+def bytes_source(op: str) -> str:
+    """Where an op's "sent" and "recv" figures come from: "model" for a built-in collective
+    (the ring or chain model above for N ranks: what the algorithm sends, not what
+    the transport did: comm/wire.py measures that), "payload" for point-to-point ops and the
+    rings of ring.py built from them (the bytes handed to send and recv, exactly; the
+    transport adds its headers)."""
+    return "payload" if op in ("send", "recv") or op.startswith("ring_") else "model"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -306,3 +307,47 @@ def plot_sweep(nbytes, seconds, fit: AlphaBeta, link: AlphaBeta, n: int) -> Figu
               title="bus bandwidth = 2(N-1)/N·B / time")  # fmt: skip
     ax_bw.legend(fontsize=8)
     return fig
+
+
+def _gloo_reduce_scatter(out: torch.Tensor, x: torch.Tensor) -> None:
+    with warnings.catch_warnings():  # torch names a successor that not every version has
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.reduce_scatter_tensor(out, x)
+
+
+def _wire_and_model(numel: int) -> list[tuple[str, int | None, int]]:
+    """On every rank: each op's bytes on loopback (all ranks together; rank 0's figure) and
+    the model's Σ over ranks of the bytes sent."""
+    from ..comm import all_gather, all_reduce, broadcast, reduce_scatter, traffic_model, wire
+
+    n, r = dist.get_world_size(), dist.get_rank()
+    x, out = torch.ones(numel), torch.empty(numel // n)
+    runs = {
+        "all_reduce": ("all_reduce", lambda: all_reduce(x)),
+        "reduce_scatter": ("reduce_scatter", lambda: reduce_scatter(out, x)),
+        "all_gather": ("all_gather", lambda: all_gather(x, out)),
+        "broadcast": ("broadcast", lambda: broadcast(x, 0)),
+        # gloo's own reduce-scatter, for comparison: not through comm/
+        "gloo's reduce_scatter_tensor": ("reduce_scatter", lambda: _gloo_reduce_scatter(out, x)),
+    }
+    rows = []
+    for name, (op, run) in runs.items():
+        model = sum(traffic_model(op, numel, 4, n, rank)[0] for rank in range(n))
+        rows.append((name, wire.wire_bytes(run), model))
+    return rows if r == 0 else []
+
+
+def wire_table(cluster, numel: int) -> dict[str, float]:
+    """Print, per op on a float32 tensor of `numel` elements, the model's bytes (Σ over
+    ranks) beside the bytes measured on the loopback interface; returns measured/model."""
+    rows = cluster.run(_wire_and_model, numel)[0]
+    if any(measured is None for _, measured, _ in rows):
+        print("no loopback counters on this machine (/proc/net/dev is Linux's): nothing measured")
+        return {}
+    print(f"payload {numel * 4 / 1e6:.1f} MB, N = {cluster.world_size}, all ranks together")
+    print(f"{'op':<30} {'model [MB]':>11} {'loopback [MB]':>14} {'measured/model':>15}")
+    ratios = {}
+    for name, measured, model in rows:
+        ratios[name] = measured / model
+        print(f"{name:<30} {model / 1e6:>11.3f} {measured / 1e6:>14.3f} {ratios[name]:>15.3f}")
+    return ratios

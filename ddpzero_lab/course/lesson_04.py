@@ -4,12 +4,17 @@ The notebook teaches the byte counts and the ZeRO stage formulas and keeps the t
 in view; this module owns what only gathers, prints and draws: the memory events of a job by
 (rank, step, phase), the measured-against-formula table, the phase-by-phase bars, the
 activation plot, Table 1 of the ZeRO paper, the stage curves, and the model-state bytes of one
-step under each ZeRO stage measured on the ranks.
+step under each ZeRO stage measured on the ranks. Section 6 (peak versus at rest): each
+strategy's peak per phase against the peak formula, drawn with the dashboard's memory panel;
+the tiny GPT's activations against batch and sequence length; activation checkpointing's
+saving and its step-time cost, timed with plain and checkpointed steps interleaved.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -215,3 +220,200 @@ def smallest_fits(num_params: float, budget_gb: float) -> None:
         else:
             floor = zero_memory_estimate(num_params, 10**9, stage)["total"] / 1e9
             print(f"{name:<9} never fits: it stays above {math.floor(floor)} GB at any N_d")
+
+
+# -- section 6: peak versus at rest ------------------------------------------------------------
+
+PEAK_PHASES = ("forward", "backward", "step")
+PEAK_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+
+
+def _train_steps(make_model, make_batch, strategy: str, local_batch: int, steps: int) -> None:
+    # on a rank: `steps` AdamW steps; parallelize's tracker sends the memory events (and peaks)
+    model, optimizer = dzl.parallelize(
+        make_model(), strategy, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3)
+    )
+    for step in range(steps):
+        x, y = make_batch(step, local_batch)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def measure_peaks(cluster, make_model, make_batch, local_batch: int, steps: int = 3) -> dict:
+    """Train each strategy `steps` steps and fold its events into a memory dashboard with the
+    peak formula (activations: what rank 0's last forward saved). Returns {strategy: {"peaks":
+    {phase: rank 0's last peak event}, "activations", "formula", "dashboard"}}."""
+    from ddpzero_lab.memory import peak_memory_estimate_for
+    from ddpzero_lab.viz import Dashboard
+
+    out = {}
+    world_size = cluster.world_size
+    for strategy in PEAK_STRATEGIES:
+        job = cluster.submit(_train_steps, make_model, make_batch, strategy, local_batch, steps)
+        job.wait()
+        events = memory_events(job)
+        peaks = {
+            phase: events[0, steps - 1, f"after_{phase}"]
+            for phase in ("forward", "backward", "step")
+        }
+        activations = peaks["forward"]["activations"]  # saved by the forward
+        formula = peak_memory_estimate_for(make_model(), strategy, world_size, activations)
+        dash = Dashboard(panels=("memory",)).feed(job.events).expect_peak(formula)
+        out[strategy] = {
+            "peaks": peaks,
+            "activations": activations,
+            "formula": formula,
+            "dashboard": dash,
+        }
+    return out
+
+
+def peak_table(measured: dict) -> None:
+    """Print rank 0's peak per phase beside the formula, and the peak over model state at
+    rest (the step's peak: the optimizer step holds the model state and nothing else)."""
+    print(
+        f"{'':<7}{'at rest':>9}" + "".join(f"{p:>19}" for p in PEAK_PHASES) + f"{'peak/rest':>11}"
+    )
+    print(f"{'':<7}{'':>9}" + "".join(f"{'measured formula':>19}" for _ in PEAK_PHASES))
+    for strategy, m in measured.items():
+        rest = m["peaks"]["step"]["peak"]
+        cells = "".join(
+            f"{m['peaks'][p]['peak'] / MB:>10.2f}{m['formula'][p] / MB:>9.2f}" for p in PEAK_PHASES
+        )
+        peak = max(m["peaks"][p]["peak"] for p in PEAK_PHASES)
+        print(f"{strategy:<7}{rest / MB:>9.2f}{cells}{peak / rest:>11.2f}")
+    print("MB on rank 0, last step; formula: dzl.peak_memory_estimate_for")
+
+
+def peak_panels(measured: dict) -> None:
+    """The dashboard's memory panel of each strategy's run, side by side."""
+    from matplotlib.figure import Figure
+
+    from ddpzero_lab.viz.panels import draw_memory
+
+    fig = Figure(figsize=(11, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(measured))
+    for i, (ax, (strategy, m)) in enumerate(zip(axes, measured.items(), strict=True)):
+        draw_memory(ax, m["dashboard"].state.snapshot(), legend=i == len(measured) - 1)
+        ax.set_title(strategy, fontsize=9, loc="left")  # in place of the panel's long title
+    top = max(ax.get_ylim()[1] for ax in axes)  # one scale: the strategies side by side
+    for ax in axes:
+        ax.set_ylim(0, top)
+    fig.suptitle(
+        "the dashboard's memory panel per strategy: bars held after backward; letters: "
+        "measured peak of forward (F), backward (B), step (S); grey: peak formula",
+        fontsize=9,
+    )
+    _display(fig)
+
+
+GPT = {"vocab_size": 65, "block_size": 256, "n_layer": 4}  # the tiny GPT of 11, 4 blocks
+
+
+def _gpt(checkpointing: bool, seed: int = 0):
+    from ddpzero_lab.memory import MemoryTracker
+    from ddpzero_lab.workloads.models import tiny_gpt
+
+    torch.manual_seed(seed)
+    model, optimizer = dzl.parallelize(
+        tiny_gpt(**GPT),
+        "ddp",
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        activation_checkpointing=checkpointing or None,
+        track_memory=False,
+    )
+    return model, optimizer, MemoryTracker(emit=False).attach(model, optimizer)
+
+
+def _gpt_step(model, optimizer, batch: int, length: int, step: int = 0) -> None:
+    g = torch.Generator().manual_seed(1000 * dzl.rank() + step)
+    idx = torch.randint(0, GPT["vocab_size"], (batch, length + 1), generator=g)
+    logits = model(idx[:, :-1].to(dzl.device()))
+    target = idx[:, 1:].reshape(-1).to(dzl.device())
+    nn.functional.cross_entropy(logits.reshape(-1, GPT["vocab_size"]), target).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _gpt_activations(shapes) -> list[int]:
+    # on a rank: the bytes the forward saved for backward, one step per (batch, length)
+    model, optimizer, tracker = _gpt(False)
+    saved = []
+    for batch, length in shapes:
+        _gpt_step(model, optimizer, batch, length)
+        saved.append(tracker.activations)
+    return saved
+
+
+def gpt_activations(cluster, batches, lengths, length: int, batch: int) -> dict:
+    """Rank 0's activation bytes of the tiny GPT for each local batch (sequence `length`) and
+    each sequence length (local `batch`), beside its model state (16Ψ); printed and drawn."""
+    from matplotlib.figure import Figure
+
+    from ddpzero_lab.workloads.models import tiny_gpt
+
+    shapes = [(b, length) for b in batches] + [(batch, t) for t in lengths]
+    saved = cluster.run(_gpt_activations, shapes)[0]
+    by_batch, by_length = saved[: len(batches)], saved[len(batches) :]
+    psi = sum(p.numel() for p in tiny_gpt(**GPT).parameters())
+    fig = Figure(figsize=(9, 3), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, xs, ys, label in (
+        (axes[0], batches, by_batch, f"local batch (sequence length {length})"),
+        (axes[1], lengths, by_length, f"sequence length (local batch {batch})"),
+    ):
+        ax.plot(xs, [y / MB for y in ys], "o-", color=COLORS["activations"], label="activations")
+        ax.axhline(16 * psi / MB, color="black", lw=1.2, label="model state, 16Ψ")
+        ax.set(xlabel=label, xlim=(0, 1.05 * max(xs)), xticks=xs)  # linear: a line through 0
+    axes[0].set(ylabel="bytes on rank 0 [MB]", ylim=(0, None))
+    axes[0].legend(fontsize="small")
+    fig.suptitle("tiny GPT: activations (measured) grow with batch and sequence length", fontsize=9)
+    _display(fig)
+    for name, xs, ys in (("batch", batches, by_batch), ("length", lengths, by_length)):
+        steps = ", ".join(f"{y / MB:.2f}" for y in ys)
+        print(f"{name:<7} {xs}: {steps} MB")
+    return {"batch": by_batch, "length": by_length, "num_params": psi}
+
+
+def _checkpointing(batch: int, length: int, steps: int) -> dict:
+    # on a rank: activation bytes with and without checkpointing, then step times, the two
+    # models stepping in turn (interleaved: a slow moment slows both alike)
+    runs = {name: _gpt(name == "checkpointed") for name in ("plain", "checkpointed")}
+    out: dict = {}
+    for name, (model, optimizer, tracker) in runs.items():
+        _gpt_step(model, optimizer, batch, length)
+        out[name] = {"forward": tracker.activations, "held": max(tracker.activation_peaks.values())}
+        tracker.detach()  # time the model, not its instrumentation
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(1 + steps):  # step 0 warms up
+        for name, (model, optimizer, _) in runs.items():
+            torch.distributed.barrier()  # the ranks start each step together
+            start = time.perf_counter()
+            _gpt_step(model, optimizer, batch, length, step)
+            if step:
+                times[name].append(time.perf_counter() - start)
+    out["ratio"] = statistics.median(
+        c / p for p, c in zip(times["plain"], times["checkpointed"], strict=True)
+    )
+    return out
+
+
+def checkpointing_cost(cluster, batch: int, length: int, steps: int) -> dict:
+    """Activation bytes of the tiny GPT with and without activation checkpointing on rank 0,
+    the blocks' inputs that checkpointing keeps, and the step-time ratio (the slowest rank's
+    median of interleaved steps); printed."""
+    per_rank = cluster.run(_checkpointing, batch, length, steps)
+    result = dict(per_rank[0])
+    result["ratio"] = max(r["ratio"] for r in per_rank)
+    channels = 64  # tiny_gpt's default width
+    result["block_inputs"] = GPT["n_layer"] * 4 * batch * length * channels
+    for name in ("plain", "checkpointed"):
+        r = result[name]
+        saved, held = r["forward"] / MB, r["held"] / MB
+        print(f"{name:<13} saved by forward {saved:6.2f} MB, most held {held:6.2f} MB")
+    print(f"the {GPT['n_layer']} blocks' inputs: {result['block_inputs'] / MB:.2f} MB")
+    fell = result["checkpointed"]["held"] / result["plain"]["held"]
+    print(f"checkpointed / plain: activations held {fell:.2f}x, step time {result['ratio']:.2f}x")
+    print("(step time: the slowest rank's median over interleaved steps, on shared cores)")
+    return result

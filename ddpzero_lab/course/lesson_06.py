@@ -2,12 +2,14 @@
 instrumentation the lesson calls in one line.
 
 It owns: the stage formulas for the lesson's model, the picture of one bucket's reduce-scatter,
-the bucket table, the timed trace of one ZeRO-2 step (run on the ranks) and its picture, and
-the memory and traffic tables. The lesson's cells do the training and the checks.
+the bucket table, the timed trace of one ZeRO-2 step (run on the ranks) and its picture, the
+memory and traffic tables, and the step timed under an emulated link with the reduce-scatters
+during and after backward (`time_overlap`). The lesson's cells do the training and the checks.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from ..memory import STAGE_NAMES, zero_memory_estimate
@@ -202,3 +204,94 @@ def traffic_line(measured: dict, world_size: int, num_params: int) -> None:
         parts = {op: c["sent"] / r["steps"] for op, c in r["traffic"].items()}
         detail = ", ".join(f"{op} {v:,.0f}" for op, v in parts.items())
         print(f"  {strategy:<6} {sum(parts.values()) / unit:.4f} x  ({detail})")
+
+
+# -- overlap under an emulated link ------------------------------------------------------------
+def _compute_rate_on_rank(size: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of this rank's float32 matmuls on its device (link.compute_rate on a CPU)."""
+    import torch
+
+    from .. import device
+    from ..comm.link import compute_rate
+
+    here = device()
+    if here.type != "cuda":
+        return compute_rate()  # the rank's own threads, as it computes in a step
+    a, b = torch.randn(size, size, device=here), torch.randn(size, size, device=here)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize(here)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        torch.cuda.synchronize(here)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def scaled_link(cluster, name: str = "nvlink4", accelerator: str = "h100"):
+    """The preset `name` scaled to `accelerator`, by the compute rate the ranks measure on
+    their device (on a CPU one thread each, all at once, as they compute in a step): a step's
+    ratio of compute to communication is then the accelerator's."""
+    from ..comm.link import Link
+
+    rates = cluster.run(_compute_rate_on_rank)
+    return Link.preset(name, accelerator, compute_flops=statistics.median(rates))
+
+
+def _zero2_steps_on_rank(make_model, make_optimizer, batch, bucket_cap_mb, link, steps, overlap):
+    """Seconds per ZeRO-2 step on this rank under `link` (the first step, a warm-up, left out)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from .. import device, parallelize, set_link
+
+    model, optimizer = parallelize(
+        make_model().to(device()),
+        "zero2",
+        optimizer=make_optimizer,
+        bucket_cap_mb=bucket_cap_mb,
+        overlap=overlap,
+        track_memory=False,
+    )
+    set_link(link)
+    try:
+        seconds = []
+        for step in range(steps + 1):
+            x, y = batch(step)
+            dist.barrier()  # not through comm/: not emulated; the ranks start each step together
+            start = time.perf_counter()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        set_link(None)
+    return seconds[1:]
+
+
+def time_overlap(
+    cluster, make_model, make_optimizer, batch, bucket_cap_mb, link, steps=5, runs=2
+) -> dict:
+    """Median step time (the slowest rank's) of ZeRO-2 with the reduce-scatters launched after
+    backward and during it, in alternating runs; prints both and the gain."""
+    ms = {False: [], True: []}
+    args = (make_model, make_optimizer, batch, bucket_cap_mb, link, steps)
+    for run in range(runs):  # alternate, so that neither setting always goes first
+        for overlap in (False, True) if run % 2 == 0 else (True, False):
+            per_rank = cluster.run(_zero2_steps_on_rank, *args, overlap)
+            slowest = [max(each) for each in zip(*per_rank, strict=True)]
+            ms[overlap].append(1e3 * statistics.median(slowest))
+    after, during = (statistics.median(ms[k]) for k in (False, True))
+    print(f"measured under {link.describe()}, {cluster.world_size} ranks:")
+    print(f"  reduce-scatters after backward:  {after:6.0f} ms per step")
+    print(f"  reduce-scatters during backward: {during:6.0f} ms per step")
+    print(f"  overlap gain {after / during:.2f}x (runs: {_runs(ms)})")
+    return {"after": after, "during": during, "gain": after / during}
+
+
+def _runs(ms: dict) -> str:
+    return "; ".join(
+        f"{'on' if k else 'off'} " + ", ".join(f"{v:.0f}" for v in values)
+        for k, values in ms.items()
+    )

@@ -2,7 +2,8 @@
 
 This module owns what notebook 08 calls in one line and the learner need not study: the check
 that prefetch gathers the next unit while one runs, the timing harness with and without
-prefetch, the floating-point formats table, the self-check of the bytes-per-rank exercise, and
+prefetch (in this machine's time or under an emulated link) with the projection's figure
+beside it, the floating-point formats table, the self-check of the bytes-per-rank exercise, and
 the measured table and picture of stages 0 to 3 in both precisions. The per-step trace and
 the measurement job on the ranks are lesson 07's (`lesson_07.trace_step_on_rank`,
 `lesson_07.measure_on_rank`): one implementation, two lessons.
@@ -52,38 +53,46 @@ def prefetch_check(without: list[dict], with_prefetch: list[dict]) -> str:
     )
 
 
-def _time_on_rank(make_model, local_batch, optimizer, steps, prefetch):
+def _time_on_rank(make_model, local_batch, optimizer, steps, prefetch, link=None):
     model, opt = dzl.parallelize(
         make_model(), "zero3", optimizer=optimizer, prefetch=prefetch, track_memory=False
     )
+    dzl.set_link(link)  # after the set-up's broadcasts: only the steps are emulated
     seconds = []
-    for step in range(steps):
-        x, y = local_batch(step)
-        dist.barrier()  # every rank starts the step together: the slowest one sets the pace
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+    try:
+        for step in range(steps):
+            x, y = local_batch(step)
+            dist.barrier()  # every rank starts the step together: the slowest one sets the pace
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        dzl.set_link(None)
     return seconds[2:]  # the first steps warm up; the first one also records the unit order
 
 
-def time_prefetch(cluster, make_model, local_batch, optimizer, steps=12, runs=3) -> dict:
+def time_prefetch(cluster, make_model, local_batch, optimizer, steps=12, runs=3, link=None) -> dict:
     """Median step time of the slowest rank, without and with prefetch, in alternating runs
-    (neither always goes first); prints the result against the run-to-run spread."""
+    (neither always goes first); prints the result against the run-to-run spread. `link`: an
+    emulated link (comm/link.py) for the timed steps; None: this machine's own time."""
     ms = {False: [], True: []}
     cluster.run(_time_on_rank, make_model, local_batch, optimizer, 3, True)  # warm up, untimed
     # one bar for all the jobs (a parent-side loop), not one line per job
     order = [(False, True) if run % 2 == 0 else (True, False) for run in range(runs)]
     jobs = [prefetch for pair in order for prefetch in pair]
+    args = (make_model, local_batch, optimizer, steps)
     for prefetch in tqdm(jobs, desc="timing prefetch off/on", leave=False):
-        per_rank = cluster.run(_time_on_rank, make_model, local_batch, optimizer, steps, prefetch)
+        per_rank = cluster.run(_time_on_rank, *args, prefetch, link)
         slowest = [max(each) for each in zip(*per_rank, strict=True)]  # it sets the pace
         ms[prefetch].append(1e3 * statistics.median(slowest))
+    if link is not None:
+        print(f"measured under {link.describe()}, {cluster.world_size} ranks:")
     for prefetch, values in ms.items():
         runs_text = ", ".join(f"{v:.1f}" for v in values)
         median = statistics.median(values)
@@ -96,6 +105,27 @@ def time_prefetch(cluster, make_model, local_batch, optimizer, steps=12, runs=3)
         f"one setting differ by (backend {cluster.backend})"
     )
     return ms
+
+
+def profile_on_rank(make_model, local_batch, optimizer) -> dzl.projection.StepProfile:
+    """dzl.profile_step of the model on this rank, unit by unit (every rank at once: compute
+    here shares the cores as it does in a step)."""
+    return dzl.profile_step(make_model(), lambda: local_batch(0), optimizer=optimizer)
+
+
+def prefetch_projection(profile, link, world_size: int, measured: dict) -> dict:
+    """dzl.project's step time for ZeRO-3 without and with prefetch, beside the measured one
+    (`time_prefetch`'s result); prints both gains. Returns {prefetch: projected ms}."""
+    projected = {}
+    for prefetch in (False, True):
+        row = dzl.project(profile, "zero3", [world_size], link, prefetch=prefetch)[0]
+        projected[prefetch] = 1e3 * row.step_s
+    got = {prefetch: statistics.median(values) for prefetch, values in measured.items()}
+    print(f"ZeRO-3, {world_size} ranks, ms per step under {link.describe()}:")
+    print(f"{'':<28}{'prefetch off':>13}{'on':>8}{'gain':>7}")
+    for label, row in (("measured (live cluster)", got), ("projection (dzl.project)", projected)):
+        print(f"{label:<28}{row[False]:>13.0f}{row[True]:>8.0f}{row[False] / row[True]:>6.2f}x")
+    return projected
 
 
 # -- mixed precision -------------------------------------------------------------------------

@@ -306,3 +306,53 @@ def owners_cover_once(layout, world_size: int) -> bool:
         if not ranges or ranges[0][0] != 0 or ranges[-1][1] != size or gaps:
             return False
     return True
+
+
+# -- claim 6 ------------------------------------------------------------------------------
+
+
+def peak_and_rest(strategy: str, steps: int = 3) -> dict:
+    """On every rank: train `steps` SGD steps with `strategy` under a memory tracker and
+    return the last step's model state at rest (the optimizer step's peak: the state and
+    nothing else) and the peak of each phase, split by category."""
+    from ddpzero_lab.memory import MemoryTracker
+
+    model, optimizer = dzl.parallelize(
+        make_model(), strategy, optimizer=make_sgd, track_memory=False
+    )
+    tracker = MemoryTracker(emit=False).attach(model, optimizer)
+    for step in range(steps):
+        x, y = local_batch(step)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracker.detach()
+    return {"rest": tracker.peaks["step"]["total"], "phases": dict(tracker.peaks)}
+
+
+def peak_table(peaks: dict, world_size: int) -> dict[str, tuple[float, float, float]]:
+    """Print, and return, each ZeRO stage's at-rest state, its stage formula and its peak, as
+    multiples of DDP's (rank 0); and where ZeRO-3's peak comes from."""
+    from ddpzero_lab.memory import zero_memory_estimate
+
+    def factor(stage: int) -> float:  # SGD with momentum: 4 + 4 + 4 bytes per parameter
+        def total(s):
+            return zero_memory_estimate(NUM_PARAMS, world_size, s, 4, 4, 4)["total"]
+
+        return total(stage) / total(0)
+
+    def top(result: dict) -> int:
+        return max(p["total"] for p in result["phases"].values())
+
+    ddp = peaks["ddp"][0]
+    ratios = {}
+    print("per rank, as a multiple of DDP's: at rest (formula), peak")
+    for stage, strategy in ((1, "zero1"), (2, "zero2"), (3, "zero3")):
+        r = peaks[strategy][0]
+        ratios[strategy] = (r["rest"] / ddp["rest"], factor(stage), top(r) / top(ddp))
+        rest, formula, peak = ratios[strategy]
+        print(f"  {strategy}: at rest {rest:.2f}x ({formula:.2f}x), peak {peak:.2f}x")
+    worst = max(peaks["zero3"][0]["phases"].values(), key=lambda p: p["total"])
+    split = ", ".join(f"{k} {v / B:.2f}" for k, v in worst.items() if v and k != "total")
+    print(f"ZeRO-3's peak, in units of B: {split}")
+    return ratios

@@ -1,5 +1,7 @@
 """Lesson 14 (tensor and pipeline parallelism, ZeRO in a 2-D mesh): the tables and pictures the
 notebook calls in one line, a layer of known compute time, and the reference order of work.
+The pipeline timelines, the mesh and the traffic per group are the dashboard's own panels
+(viz/mesh_panels.py).
 
 Nothing here trains: the lesson's cells do that on the cluster. `SleepyLayer` sleeps a fixed
 time in forward and twice that in backward, so that a pipeline's timeline has a clean shape on
@@ -16,7 +18,6 @@ from torch import nn
 
 from ..parallel.pipeline import PipelineStage, ideal_bubble
 
-COLORS = {"F": "#4C72B0", "B": "#DD8452"}
 RANK_COLORS = "tab10"
 
 
@@ -129,57 +130,6 @@ def reference_order(stage: int, stages: int, micro_batches: int, schedule: str =
 def bubble(timeline, seconds: float) -> float:
     busy = sum(end - begin for _, _, begin, end in timeline)
     return 1.0 - busy / seconds
-
-
-def draw_timelines(runs: dict, micro_batches: int) -> None:
-    """One panel per schedule: a row per stage, a bar per forward (F) and backward (B)."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    stages = len(next(iter(runs.values())))
-    end = max(s for per_rank in runs.values() for _, s, _ in per_rank)
-    fig = Figure(figsize=(10, 1.2 + 1.0 * stages * len(runs)), layout="constrained")
-    axes = fig.subplots(len(runs), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (schedule, per_rank) in zip(axes, runs.items(), strict=True):
-        bubbles = []
-        for stage, (timeline, seconds, _) in enumerate(per_rank):
-            bubbles.append(bubble(timeline, seconds))
-            for kind, i, begin, stop in timeline:
-                ax.broken_barh(
-                    [(begin, stop - begin)],
-                    (stage - 0.4, 0.8),
-                    facecolors=COLORS[kind],
-                    edgecolors="white",
-                )
-                ax.text(
-                    (begin + stop) / 2,
-                    stage,
-                    f"{kind}{i}",
-                    ha="center",
-                    va="center",
-                    color="white",
-                    fontsize=8,
-                )
-        want = ideal_bubble(stages, micro_batches)
-        mean = sum(bubbles) / len(bubbles)
-        ax.set_title(
-            f"{schedule}: p = {stages}, m = {micro_batches}; idle (white) "
-            f"{mean:.0%} of the step, formula {want:.0%}"
-        )
-        ax.set(yticks=range(stages), ylim=(stages - 0.5, -0.5), xlim=(0, end * 1.01))
-        ax.set_yticklabels([f"stage {s}" for s in range(stages)])
-    axes[-1].set_xlabel("seconds since the step began")
-    fig.legend(
-        handles=[
-            Patch(color=COLORS["F"], label="forward (F)"),
-            Patch(color=COLORS["B"], label="backward (B)"),
-            Patch(facecolor="white", edgecolor="grey", label="idle: the bubble"),
-        ],
-        loc="outside lower center",
-        fontsize="small",
-        ncols=3,
-    )
-    _show(fig)
 
 
 def bubble_table(measured: dict, stages: int) -> None:

@@ -62,9 +62,11 @@ def parallelize(
                (name, module) -> bool choosing the blocks; each runs under
                torch.utils.checkpoint (use_reentrant=False): its insides are recomputed in
                backward instead of kept (checkpointing.py). Works with every strategy.
-    options:   ddp: bucket_cap_mb=, ...; zero1/zero2: bucket_cap_mb=, group=,
+    options:   ddp: bucket_cap_mb=, overlap=, ...; zero1/zero2: bucket_cap_mb=, group=,
                replicate_group= (hybrid sharding, as FSDP's HSDP: ZeRO within `group`, the
                shards replicated across `replicate_group`, e.g. a mesh's rows and columns);
+               zero2 also overlap= (True: each bucket reduce-scattered during backward;
+               False: all after it);
                zero3: units=, replicate_group=
                (a callable (name, module) -> bool choosing the units; default each child of
                the root with parameters), prefetch= (all-gather the next unit while one runs),
@@ -135,10 +137,14 @@ def parallelize(
     elif strategy in ("zero1", "zero2"):
         from .zero import ZeroShardedOptimizer
 
-        if set(options) - {"group", "bucket_cap_mb", "reduce_dtype", "replicate_group"}:
+        allowed = {"group", "bucket_cap_mb", "reduce_dtype", "replicate_group"}
+        if strategy == "zero2":
+            allowed.add("overlap")  # stage 1 reduces in step(): nothing to overlap
+        if set(options) - allowed:
+            extra = ", overlap=" if strategy == "zero2" else ""
             raise TypeError(
-                f"strategy {strategy!r} takes group=, replicate_group= and bucket_cap_mb=, "
-                f"got {sorted(options)}"
+                f"strategy {strategy!r} takes group=, replicate_group={extra} and "
+                f"bucket_cap_mb=, got {sorted(options)}"
             )
         model = module
         opt = ZeroShardedOptimizer(

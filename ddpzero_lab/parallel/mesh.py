@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from .layout import emit_coordinates
+
 
 @dataclass
 class Mesh:
@@ -53,4 +55,7 @@ def mesh(dp: int = 1, tp: int = 1) -> Mesh:
     for column in range(tp):
         columns[column] = dist.new_group([d * tp + column for d in range(dp)])
     row, column = divmod(rank, tp)
-    return Mesh(dp, tp, row, column, columns[column], rows[row])
+    grid = Mesh(dp, tp, row, column, columns[column], rows[row])
+    # the dashboard's mesh panel places each rank by these (one small event per rank)
+    emit_coordinates(dp=(dp, row, grid.dp), tp=(tp, column, grid.tp))
+    return grid

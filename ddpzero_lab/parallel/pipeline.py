@@ -16,7 +16,9 @@ Schedules (`schedule=`):
 Both leave every stage idle for the same bubble at the start and the end of a step:
 (p - 1) / (m + p - 1) of the step when a forward and a backward take the same time on every
 stage. `PipelineStage.step` returns the step's timeline (compute and idle per micro-batch) and
-the most micro-batches held at once, which the tests hold against these numbers.
+the most micro-batches held at once, which the tests hold against these numbers; each step
+also sends a `pipeline` event (its spans and its waits for messages) that the dashboard's
+pipeline panel draws.
 
 Messages go through comm/ (counted, tagged "pp:act" and "pp:grad"); the activations' shape is
 sent once per step ("pp:shape") so that a stage needs to know only its own module.
@@ -31,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import comm
+from .. import comm, telemetry
+from .layout import emit_coordinates
 
 SCHEDULES = ("gpipe", "1f1b")
 _MAX_DIMS = 8
@@ -72,6 +75,8 @@ class PipelineStage:
         self.dtype = dtype  # of the activations and their gradients between stages
         if self.is_last and loss_fn is None:
             raise ValueError("the last stage needs loss_fn=, e.g. nn.functional.mse_loss")
+        self.steps = 0  # steps run: numbers the `pipeline` events
+        emit_coordinates(pp=(self.stages, self.stage, group))
 
     @property
     def is_first(self) -> bool:
@@ -111,15 +116,18 @@ class PipelineStage:
         held: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # i -> (input, output)
         sending = []  # sends in flight (isend: a stage never blocks its neighbour's send)
         timeline, losses, most = [], [], 0
+        waits = []  # (tag, micro-batch, begin, end): blocked in a recv, for the dashboard
         shape = None
-        start = time.perf_counter()
+        wall_start, start = time.time(), time.perf_counter()
         for kind, i in self.order():
             if kind == "F":
                 x = chunks[i]
                 if not self.is_first:
+                    begin = time.perf_counter()
                     if shape is None:  # the first activation comes after its shape
                         shape = self._receive_shape()
                     x = self._receive(shape, "pp:act", -1).requires_grad_(True)
+                    waits.append(("pp:act", i, begin - start, time.perf_counter() - start))
                 begin = time.perf_counter()
                 y = self.module(x)
                 if self.is_last:
@@ -134,7 +142,11 @@ class PipelineStage:
                 most = max(most, len(held))
             else:
                 x, y = held.pop(i)
-                grad = None if self.is_last else self._receive(y.shape, "pp:grad", +1)
+                grad = None
+                if not self.is_last:
+                    begin = time.perf_counter()
+                    grad = self._receive(y.shape, "pp:grad", +1)
+                    waits.append(("pp:grad", i, begin - start, time.perf_counter() - start))
                 begin = time.perf_counter()
                 torch.autograd.backward(y, grad)
                 timeline.append(("B", i, begin - start, time.perf_counter() - start))
@@ -142,12 +154,34 @@ class PipelineStage:
                     sending.append(self._send(x.grad.contiguous(), "pp:grad", -1))
         for handle in sending:
             handle.wait()
+        seconds = time.perf_counter() - start
+        self._emit_step(wall_start, seconds, timeline, waits)
         return {
             "loss": torch.stack(losses).sum() if losses else None,
             "timeline": timeline,
             "max_in_flight": most,
-            "seconds": time.perf_counter() - start,
+            "seconds": seconds,
+            "waits": waits,
         }
+
+    def _emit_step(self, wall_start: float, seconds: float, timeline, waits) -> None:
+        """The step's spans for the dashboard's pipeline panel: 2m compute spans and at most
+        2m waits, a few hundred bytes for the usual m (the event is bounded by m)."""
+        emulator = comm.link.current()
+        telemetry.emit(
+            "pipeline",
+            step=self.steps,
+            schedule=self.schedule,
+            stage=self.stage,
+            stages=self.stages,
+            micro_batches=self.micro_batches,
+            start=wall_start,
+            seconds=seconds,
+            spans=[list(span) for span in timeline],
+            waits=[list(wait) for wait in waits],
+            link=None if emulator is None else emulator.link.describe(),
+        )
+        self.steps += 1
 
     def _send(self, tensor: torch.Tensor, tag: str, direction: int):
         return comm.isend(tensor, self._peer(self.stage + direction), group=self.group, tag=tag)

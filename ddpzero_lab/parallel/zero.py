@@ -17,7 +17,8 @@ returns (Rajbhandari et al., "ZeRO", SC20, §5.1-5.2):
   as DDP), then steps the shard and all-gathers the updated slices: 2Ψ of traffic per step;
   stage 2 reduce-scatters each bucket during backward, the moment its last gradient is ready
   (as DDP's buckets), releasing each full gradient once it is in its bucket: a rank keeps
-  only its gradient shard.
+  only its gradient shard. With overlap=False it launches them all after backward instead,
+  in the same order (the baseline that shows what overlapping backward saves).
 
 Elementwise optimizers (SGD, Adam, AdamW, ...) give exactly the single-process result. One that
 uses a norm per parameter tensor (LAMB, LARS) would see pieces of tensors.
@@ -98,9 +99,12 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         masters: list[torch.Tensor] | None = None,
         reduce_dtype: torch.dtype | None = None,
         replicate_group=None,
+        overlap: bool = True,
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be True or False, got {overlap!r}")
         if bucket_cap_mb is not None and (
             isinstance(bucket_cap_mb, bool)
             or not isinstance(bucket_cap_mb, (int, float))
@@ -149,13 +153,15 @@ class ZeroShardedOptimizer(ShardedOptimizerState, WrappedOptimizer):
         ordered = [self.leaves[id(p)] for _, p in named]
         self._adopt(ordered, optimizer(ordered))
         self.params = [p for _, p in named]
-        # ZeRO-1: reduce-scatter in the step, in place; ZeRO-2: during backward, releasing
-        # each full gradient as soon as it is in its bucket
+        # ZeRO-1: reduce-scatter in the step, in place; ZeRO-2: during backward (or, without
+        # overlap, all at the end of backward), releasing each full gradient as soon as it is
+        # in its bucket
+        launch = "at_step" if stage == 1 else "when_ready" if overlap else "on_request"
         self.reducer = Reducer(
             self.buckets,
             "reduce_scatter",
             group,
-            launch="at_step" if stage == 1 else "when_ready",
+            launch=launch,
             grads="view" if stage == 1 else "release",
             in_place=stage == 1,
             reduce_dtype=reduce_dtype,

@@ -32,11 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from ..telemetry import Event
+from . import mesh_panels
 from . import panels as P
 from .render import PanelCanvas
 from .state import DashboardState, load_events
 
 PANELS = ("memory", "shards", "traffic", "timeline", "loss")
+# Panels one asks for by name (mesh_panels.py: the mesh, traffic per group, the pipeline).
+ALL_PANELS = PANELS + tuple(mesh_panels.PANELS)
 _ROW_HEIGHT_IN = 2.3
 _ids = itertools.count(1)
 # A drawing thread with nothing to draw for this long ends (a job that never reports its end
@@ -60,6 +63,8 @@ def _draw_on(axes, panel: str, snap: dict[str, Any], legend: bool = True) -> Any
     """Draw one panel on its axes (three for the shard maps, one for the others)."""
     if panel == "shards":
         return P.draw_shards(axes, snap, legend=legend)
+    if panel in mesh_panels.PANELS:
+        return mesh_panels.PANELS[panel](axes[0], snap, legend=legend)
     draw = {
         "memory": P.draw_memory,
         "traffic": P.draw_traffic,
@@ -150,7 +155,8 @@ def _draw_loop(ref, drawer: _Drawer) -> None:
 class Dashboard:
     """Live panels for `cluster.run(fn, ..., dashboard=dash)`; display `dash` in a cell.
 
-    panels: any of "memory", "shards", "traffic", "timeline", "loss", in display order.
+    panels: any of "memory", "shards", "traffic", "timeline", "loss" (the default) and
+        "mesh", "group_traffic", "pipeline", in display order.
     refresh_s: the shortest time between two frames while events arrive.
     max_duty: the largest share of one core the drawing may take (frames are spaced out to
         stay under it).
@@ -169,9 +175,9 @@ class Dashboard:
         pixel_ratio: float = 2.0,
     ) -> None:
         panels = tuple(panels)
-        unknown = [p for p in panels if p not in PANELS]
+        unknown = [p for p in panels if p not in ALL_PANELS]
         if unknown or not panels:
-            raise ValueError(f"panels must be a non-empty selection of {PANELS}, got {panels}")
+            raise ValueError(f"panels must be a non-empty selection of {ALL_PANELS}, got {panels}")
         if len(set(panels)) != len(panels):
             raise ValueError(f"panels must not repeat, got {panels}")
         for name, value in (
@@ -299,6 +305,12 @@ class Dashboard:
                 widget.close()
         self._widget, self._status, self._images = None, None, {}
 
+    def expect_peak(self, estimate: dict[str, float] | None) -> Dashboard:
+        """Show a peak formula per phase (`dzl.peak_memory_estimate_for(...)`'s dict) beside
+        each rank's measured peaks on the memory panel; None removes it."""
+        self.state.expect_peak(estimate)
+        return self
+
     # -- drawing ----------------------------------------------------------------------------
     def feed(self, events: Iterable[Event]) -> Dashboard:
         """Fold events in without a cluster (replay, tests), then draw (axes fitted)."""
@@ -344,7 +356,13 @@ class Dashboard:
         """What decides a panel's picture: its version, or for the panels that a step
         usually leaves as they were (memory, shards), the data itself."""
         if panel == "memory":
-            return (snap["memory"], snap["peak"], snap["expected_memory"])
+            return (
+                snap["memory"],
+                snap["peak"],
+                snap["expected_memory"],
+                snap["phase_peaks"],
+                snap["expected_peak"],
+            )
         if panel == "shards":
             return snap["versions"]["shards"]
         return snap["versions"][panel]
@@ -363,7 +381,9 @@ class Dashboard:
             axes = [fig.add_subplot(grid[0, i]) for i in range(count)]
             for ax in axes:
                 ax.tick_params(labelsize=_TICK_PT)
-            self._canvases[panel] = PanelCanvas(fig, axes, sticky=panel != "shards")
+            # maps and one-step pictures fill their axes: each frame shows its own limits
+            sticky = panel != "shards" and panel not in mesh_panels.PANELS
+            self._canvases[panel] = PanelCanvas(fig, axes, sticky=sticky)
         return self._canvases[panel]
 
     def figure(self):

@@ -110,8 +110,11 @@ def _empty(ax, title: str, why: str) -> None:
 
 def draw_memory(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, dict[str, float]]:
     """Stacked bar per rank (its latest phase, preferring after_backward, where grads and
-    optimizer state coexist) by category; the formula's value as a black tick beside each bar;
-    the rank's peak as a dashed line. Returns {rank: {category: bytes}} as drawn."""
+    optimizer state coexist) by category; the formula's value as a black tick beside each bar.
+    Where the memory tracker reported peaks: one letter per phase (F forward, B backward,
+    S step) at the rank's highest peak of that phase, with the peak formula's value
+    (`Dashboard.expect_peak`) as a grey bar behind it; otherwise the highest total seen, as
+    a dashed line. Returns {rank: {category: bytes}} as drawn."""
     memory = snap["memory"]
     ranks = sorted({r for r, _ in memory})
     if not ranks:
@@ -133,16 +136,18 @@ def draw_memory(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, dict
         values = np.array([drawn[r].get(part, 0.0) / MB for r in ranks])
         _boxes(ax, ranks, bottom, 0.6, values, PART_COLORS[part], gid=f"mem:{part}", label=part)
         bottom += values
-    peaks = [snap["peak"].get(r, 0.0) / MB for r in ranks]
-    ax.hlines(
-        peaks,
-        np.array(ranks) - 0.35,
-        np.array(ranks) + 0.35,
-        colors="k",
-        linestyles="dashed",
-        linewidth=0.8,
-        gid="peak",
-    )
+    heights = _draw_phase_peaks(ax, snap, ranks)
+    if not snap.get("phase_peaks"):  # an older recording: the highest total seen
+        heights = [snap["peak"].get(r, 0.0) / MB for r in ranks]
+        ax.hlines(
+            heights,
+            np.array(ranks) - 0.35,
+            np.array(ranks) + 0.35,
+            colors="k",
+            linestyles="dashed",
+            linewidth=0.8,
+            gid="peak",
+        )
     for rank, value in snap.get("expected_memory", {}).items():
         ax.plot(
             [rank + 0.38],
@@ -151,20 +156,61 @@ def draw_memory(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, dict
             color="k",
             markersize=7,
             gid=f"formula:{rank}",
-            label="ZeRO formula" if rank == 0 else None,
+            label="ZeRO formula (at rest)" if rank == 0 else None,
         )
     formula = [v / MB for v in snap.get("expected_memory", {}).values()]
-    ax.set_ylim(0, 1.12 * max([*bottom, *peaks, *formula, 1e-9]))
+    ax.set_ylim(0, 1.12 * max([*bottom, *heights, *formula, 1e-9]))
     ax.set_xticks(ranks)
     ax.set_xlabel("rank", fontsize=8)
     ax.set_ylabel("MB", fontsize=8)
     ax.set_title(
-        "memory per rank (model state + activations; ◄ ZeRO formula, -- peak)",
+        "memory per rank (bars: held after backward; F B S: peak of forward, backward, step)",
         fontsize=9,
         loc="left",
     )
     add_legend(ax, legend)
     return drawn
+
+
+# x offsets of the phases' peak markers within a rank's bar: left to right in step order
+PEAK_OFFSETS = {"forward": -0.18, "backward": 0.0, "step": 0.18}
+
+
+def _draw_phase_peaks(ax, snap: dict[str, Any], ranks: list[int]) -> list[float]:
+    """The tracker's peak per rank and phase as a letter, the formula's as a grey bar behind
+    it (gids "peak:<phase>:<rank>", "peak_formula:<phase>:<rank>"); returns the heights in MB."""
+    peaks, expected = snap.get("phase_peaks", {}), snap.get("expected_peak", {})
+    heights = []
+    for phase, offset in PEAK_OFFSETS.items():
+        value = expected.get(phase)
+        for i, rank in enumerate(ranks if value is not None else ()):
+            heights.append(value / MB)
+            # drawn first: the measured letter sits on it when the two agree
+            ax.plot(
+                [rank + offset],
+                [value / MB],
+                marker="_",
+                markersize=16,
+                markeredgewidth=3,
+                color="0.6",
+                linestyle="none",
+                gid=f"peak_formula:{phase}:{rank}",
+                label="peak formula" if i == 0 and phase == "forward" else None,
+            )
+        letter = f"${phase[0].upper()}$"
+        for i, rank in enumerate(r for r in ranks if (r, phase) in peaks):
+            heights.append(peaks[(rank, phase)] / MB)
+            ax.plot(
+                [rank + offset],
+                [peaks[(rank, phase)] / MB],
+                marker=letter,
+                markersize=7,
+                color="k",
+                linestyle="none",
+                gid=f"peak:{phase}:{rank}",
+                label="peak per phase" if i == 0 and phase == "forward" else None,
+            )
+    return heights
 
 
 def shard_image(entries: list[dict], kind: str, world_size: int, width: int = 120) -> np.ndarray:
@@ -278,7 +324,8 @@ def draw_shards(axes, snap: dict[str, Any], legend: bool = True) -> dict[str, np
 
 def draw_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, float]:
     """Cumulative bytes sent per rank over time, with the model's expectation (expected
-    bytes per step x completed steps) as dashed lines. Returns {rank: bytes sent so far}."""
+    bytes per step x completed steps) as dashed lines. The title says which figures are the
+    model's and which are payload counted. Returns {rank: bytes sent so far}."""
     series = snap["sent_over_time"]
     if not series:
         _empty(ax, "traffic", "no collectives yet")
@@ -308,7 +355,13 @@ def draw_traffic(ax, snap: dict[str, Any], legend: bool = True) -> dict[int, flo
             )
     ax.set_xlabel("seconds", fontsize=8)
     ax.set_ylabel("MB sent (cumulative)", fontsize=8)
-    ax.set_title("traffic: sent per rank (dashed: model x steps)", fontsize=9, loc="left")
+    # the figures are the ring model's for collectives and the payload for send/recv
+    # (comm.bytes_source); comm.wire measures what the transport really sent
+    ax.set_title(
+        "sent per rank: ring model (collectives), payload (send/recv); dashed: model x steps",
+        fontsize=8,
+        loc="left",
+    )
     add_legend(ax, legend)
     return totals
 
@@ -373,7 +426,10 @@ def draw_timeline(
     ranks = sorted({r for r, *_ in shown})
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks], fontsize=7)
     ax.set_xlabel("seconds", fontsize=8)
-    ax.set_title("timeline: compute (grey) and collectives", fontsize=9, loc="left")
+    title = "timeline: compute (grey) and collectives"
+    if snap.get("link"):  # the collectives' times are an emulated link's: say which
+        title += f"\n{snap['link']}"
+    ax.set_title(title, fontsize=9 if not snap.get("link") else 8, loc="left")
     add_legend(ax, legend)
     return drawn
 

@@ -17,8 +17,11 @@ from typing import Any
 
 from ..memory import zero_memory_estimate
 from ..telemetry import Event
+from .mesh_state import MESH_PANELS, MeshState
 
 MEMORY_PARTS = ("params", "grads", "optimizer", "activations", "buffers", "scratch")
+# the phase whose peak a memory event carries (the tracker's `peak` field): the one just ended
+PEAK_PHASES = {"after_forward": "forward", "after_backward": "backward", "after_step": "step"}
 # The ZeRO stage whose formula describes each strategy's model state.
 STRATEGY_STAGE = {"ddp": 0, "local": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 # Bytes each rank sends per step, in units of the gradient bytes B (ring models).
@@ -39,6 +42,10 @@ class DashboardState:
         self._lock = threading.Lock()
         self.memory: dict[tuple[int, str], dict[str, float]] = {}
         self.peak: dict[int, float] = defaultdict(float)
+        # the tracker's peak of each phase, the highest of the run: (rank, phase) -> bytes
+        self.phase_peaks: dict[tuple[int, str], float] = {}
+        # a peak formula per phase (peak_memory_estimate's dict), set by the learner
+        self.expected_peak: dict[str, float] = {}
         self.shard_map: dict[str, Any] | None = None
         self.traffic: dict[tuple[int, str], dict[str, float]] = {}
         self.sent_over_time: dict[int, list[tuple[float, float]]] = defaultdict(list)
@@ -49,9 +56,11 @@ class DashboardState:
         self.events_seen = 0
         self.steps_seen = 0  # the highest step any rank reported, plus one: the status line's
         self.t0: float | None = None
+        self.link: str | None = None  # the emulated link the collectives' times are on, if any
+        self.mesh = MeshState()  # coordinates, layouts, traffic per group, pipeline steps
         # bumped whenever a panel's data changes: the dashboard redraws only those panels
         self.versions: dict[str, int] = dict.fromkeys(
-            ("memory", "shards", "traffic", "timeline", "loss"), 0
+            ("memory", "shards", "traffic", "timeline", "loss", *MESH_PANELS), 0
         )
 
     # -- folding ---------------------------------------------------------------------------
@@ -61,6 +70,7 @@ class DashboardState:
             if event.rank >= 0:
                 self.ranks.add(event.rank)
             kind = event.kind
+            self._bump(*self.mesh.update(event))
             if kind == "memory":
                 self._memory(event)
                 self._bump("memory", "traffic")  # steps completed move the expectation
@@ -91,6 +101,10 @@ class DashboardState:
         parts = {k: float(e.get(k, 0) or 0) for k in MEMORY_PARTS}
         self.memory[(e.rank, str(e["phase"]))] = parts
         self.peak[e.rank] = max(self.peak[e.rank], sum(parts.values()))
+        phase = PEAK_PHASES.get(str(e["phase"]))
+        if phase is not None and e.get("peak"):
+            key = (e.rank, phase)
+            self.phase_peaks[key] = max(self.phase_peaks.get(key, 0.0), float(e["peak"]))
         if e["phase"] == "after_step":
             self.steps[e.rank] = max(self.steps[e.rank], int(e.get("step", 0)) + 1)
             self.steps_seen = max(self.steps_seen, self.steps[e.rank])
@@ -107,6 +121,8 @@ class DashboardState:
         total = (series[-1][1] if series else 0.0) + float(e.get("sent", 0) or 0)
         series.append((end, total))
         self.intervals.append((e.rank, str(e["op"]), start, end))
+        if e.get("link"):
+            self.link = str(e["link"])
 
     def _step(self, e: Event) -> None:
         # forward start and backward end are in the event; older recordings have only the
@@ -124,6 +140,8 @@ class DashboardState:
             return {
                 "memory": dict(self.memory),
                 "peak": dict(self.peak),
+                "phase_peaks": dict(self.phase_peaks),
+                "expected_peak": dict(self.expected_peak),
                 "shard_map": self.shard_map,
                 "traffic": {k: dict(v) for k, v in self.traffic.items()},
                 "sent_over_time": {r: list(v) for r, v in self.sent_over_time.items()},
@@ -134,9 +152,19 @@ class DashboardState:
                 "events_seen": self.events_seen,
                 "versions": dict(self.versions),
                 "t0": self.t0,
+                "link": self.link,
                 "expected_memory": self._expected_memory(),
                 "expected_sent_per_step": self._expected_traffic(),
+                **self.mesh.snapshot(),
             }
+
+    def expect_peak(self, estimate: dict[str, float] | None) -> None:
+        """Draw `estimate`'s forward, backward and step bytes (peak_memory_estimate's dict)
+        beside each rank's measured peaks; None removes them."""
+        phases = tuple(PEAK_PHASES.values())
+        with self._lock:
+            self.expected_peak = {p: float(estimate[p]) for p in phases} if estimate else {}
+            self._bump("memory")
 
     def _world_size(self) -> int:
         if self.shard_map and self.shard_map.get("world_size"):

@@ -28,3 +28,15 @@ def my_zero_memory(
         "optimizer": optimizer,
         "total": params + grads + optimizer,
     }
+
+
+def my_ddp_peak(num_params, activation_bytes, params_bytes=4, grads_bytes=4, optimizer_bytes=8):
+    """Bytes one DDP rank holds at the worst moment of forward, backward and the step."""
+    state = (params_bytes + optimizer_bytes) * num_params
+    buckets = grads_bytes * num_params  # one gradient copy, held all along
+    forward = state + buckets + activation_bytes  # every activation saved by the end
+    # backward: early, the activations are still held; late, every fresh .grad has arrived
+    # beside the buckets and the activations are gone. The worse of the two moments:
+    backward = state + buckets + max(activation_bytes, grads_bytes * num_params)
+    step = state + buckets  # the step: the model state at rest
+    return {"forward": forward, "backward": backward, "step": step}
