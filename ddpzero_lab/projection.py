@@ -34,6 +34,7 @@ from torch import nn
 
 from .comm.link import Link
 from .memory import zero_memory_estimate
+from .parallel.zero3 import default_units
 
 MB = 1024 * 1024
 STAGES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
@@ -82,11 +83,14 @@ class Projection:
 
 
 def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The root's children that hold trainable parameters, and the root for the rest."""
+    """ZeRO-3's default units that hold trainable parameters (the root's children, a
+    ModuleList's or ModuleDict's elements one by one: a transformer's blocks), in module
+    order, and the root for the rest."""
+    chosen = default_units(model)
     units = [
-        (name, child)
-        for name, child in model.named_children()
-        if any(p.requires_grad for p in child.parameters())
+        (name, module)
+        for name, module in model.named_modules()
+        if name in chosen and any(p.requires_grad for p in module.parameters())
     ]
     inside = {id(p) for _, child in units for p in child.parameters()}
     if any(p.requires_grad and id(p) not in inside for p in model.parameters()):
