@@ -266,3 +266,25 @@ def test_a_servers_link_is_shared_by_its_workers_and_theirs_sit_idle():
     # linear in N-1: 1, 2, 3 times the two-rank step
     assert server[3][0] / server[2][0] == pytest.approx(2, rel=0.15)
     assert server[4][0] / server[2][0] == pytest.approx(3, rel=0.15)
+
+
+def _recv_after_the_senders_link():
+    dzl.set_link(SLOW if dzl.rank() == 0 else None)  # only the sender's link is emulated
+    try:
+        x = torch.ones(NUMEL)
+        dist.barrier()
+        start = time.perf_counter()
+        if dzl.rank() == 0:
+            comm.send(x, 1)
+        else:
+            comm.recv(x, 0)
+        return time.perf_counter() - start
+    finally:
+        dzl.set_link(None)
+
+
+def test_a_message_arrives_when_the_senders_link_has_carried_it(cluster):
+    want = SLOW.seconds("send", NUMEL * 4, 2)
+    sent, received = cluster.run(_recv_after_the_senders_link)
+    assert want <= sent <= 1.10 * want + 0.01, (sent, want)
+    assert received >= want, (received, want)  # not when the real bytes landed, much earlier
