@@ -288,3 +288,18 @@ def test_a_message_arrives_when_the_senders_link_has_carried_it(cluster):
     sent, received = cluster.run(_recv_after_the_senders_link)
     assert want <= sent <= 1.10 * want + 0.01, (sent, want)
     assert received >= want, (received, want)  # not when the real bytes landed, much earlier
+
+
+def test_emulate_sets_a_link_for_a_block_and_gives_the_previous_one_back():
+    from ddpzero_lab.comm import link
+
+    outer = dzl.set_link(WORKER_LINK)
+    try:
+        with link.emulate(SLOW) as inner:
+            assert inner.link == SLOW and link.current().link == SLOW
+        assert link.current().link == outer
+        with link.emulate(None):  # None: the rank keeps its link
+            assert link.current().link == outer
+    finally:
+        dzl.set_link(None)
+    assert link.current() is None

@@ -32,6 +32,7 @@ Accelerators (dense tensor-core FLOP/s): h100 989e12 (bf16), a100 312e12 (bf16),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -131,9 +132,10 @@ class Link:
         return text
 
 
-def compute_rate(size: int = 512, repeats: int = 5) -> float:
+def compute_rate(size: int = 512, repeats: int = 20) -> float:
     """This process's float32 matmul rate, FLOP/s (the best of `repeats` size x size
-    products, with the threads torch uses here)."""
+    products, with the threads torch uses here: on a busy machine the best is the rate a
+    slice of a core gives when it is not pre-empted)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)  # warm-up
     best = float("inf")
@@ -256,6 +258,22 @@ def current() -> Emulator | None:
         spec = os.environ.get("DDPZERO_LINK") or None
         set_link(None if spec is None else _rank_spec(spec))
     return _emulator
+
+
+@contextlib.contextmanager
+def emulate(link: str | Link | None):
+    """Emulate `link` on this rank inside the block, then give the rank back the link it had
+    (None: leave the rank as it is)."""
+    global _emulator
+    if link is None:
+        yield current()
+        return
+    before = current()
+    set_link(link)
+    try:
+        yield _emulator
+    finally:
+        _emulator = before
 
 
 def sleep_until(deadline: float) -> None:

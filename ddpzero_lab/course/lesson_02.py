@@ -10,7 +10,6 @@ Times are real, or measured under an emulated link (comm/link.py), and labelled 
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
@@ -40,21 +39,8 @@ def measure(build, local_batch, strategy, steps, step_fn, warmup=2, link=None) -
     communicating together, so a slower backward does not count as communication.
     link: a dzl.Link to emulate meanwhile (comm/link.py); then also the share of the update
     this rank's link was busy."""
-    with emulating(link):
+    with comm_link.emulate(link):
         return _measure(build, local_batch, strategy, steps, step_fn, warmup)
-
-
-@contextlib.contextmanager
-def emulating(link):
-    """Inside a rank: emulate `link` meanwhile (None: leave this rank's link as it is)."""
-    if link is None:
-        yield
-        return
-    dzl.set_link(link)
-    try:
-        yield
-    finally:
-        dzl.set_link(None)
 
 
 def _link_busy() -> float:
@@ -182,7 +168,7 @@ def step_seconds(results, strategy: str, n: int) -> float:
 
 def one_step(build, local_batch, strategy, step_fn, link=None) -> float:
     """On a rank: a warm-up step, then one more; returns when step 1's communication began."""
-    with emulating(link):
+    with comm_link.emulate(link):
         model, optimizer, update = build(strategy, step_fn)
         for step in range(2):
             x, y = local_batch(step)
