@@ -289,7 +289,7 @@ def sweep(
         xscale="log",
         xlabel="bucket_cap_mb (numbers: buckets per step)",
         ylabel="ms per step",
-        ylim=(0, None),
+        ylim=(0, max(ms.values()) * 1.15),  # room for the bucket counts
         title="time per step against bucket size\n" + work.timing(),
     )
     ax.legend(fontsize="small", loc="lower left")
