@@ -190,3 +190,128 @@ def test_a_cluster_started_with_a_link_emulates_it_on_every_rank_and_after_a_res
             cluster.restart()  # the new workers emulate it too
     with pytest.raises(TypeError, match="link"):
         dzl.LiveCluster(world_size=2, link=3.5)
+
+
+# --- per-rank links ----------------------------------------------------------------------------
+# a parameter server (rank 0) on a link four times slower than its workers' (tiny messages: a
+# message costs about its latency)
+SERVER_LINK = Link(latency=2e-2, bandwidth=1e9, name="server")
+WORKER_LINK = Link(latency=5e-3, bandwidth=1e9, name="worker")
+
+
+def test_per_rank_links_are_checked_before_any_worker_starts(monkeypatch):
+    from ddpzero_lab.comm import link
+
+    with pytest.raises(ValueError, match=r"no link for rank\(s\) \[1\]"):
+        dzl.LiveCluster(world_size=2, link={0: "nvlink4"})
+    with pytest.raises(ValueError, match="rank 2"):
+        dzl.LiveCluster(world_size=2, link={"default": "nvlink4", 2: "eth-10g"})
+    with pytest.raises(TypeError, match="rank"):
+        dzl.LiveCluster(world_size=2, link={"default": "nvlink4", "server": "eth-10g"})
+    with pytest.raises(ValueError, match="unknown link"):
+        dzl.LiveCluster(world_size=2, link={"default": "carrier-pigeon"})
+    with pytest.raises(ValueError, match="unknown accelerator"):
+        dzl.LiveCluster(world_size=2, link="nvlink4:abacus")
+    with pytest.raises(TypeError, match="link"):
+        dzl.LiveCluster(world_size=2, link={"default": 3.5})
+    # each rank reads its own entry, the default filling the others; None: real time
+    spec = link.encode({"default": WORKER_LINK, 0: "eth-10g", 2: None}, 3)
+    read = {}
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        read[rank] = link._rank_spec(spec)
+    assert read[0] == "eth-10g" and read[2] is None
+    assert Link.parse(read[1]) == WORKER_LINK
+    assert link.encode({"default": None}, 2) is None  # nobody emulates: no variable at all
+    assert link.encode(WORKER_LINK, 2) == WORKER_LINK.spec()
+
+
+def _param_server_steps(sizes, steps: int = 3):
+    """On every rank of 4: the parameter server of parallel/ on the first n ranks, for each n;
+    per n, the server's median step and this rank's link-busy share of its step."""
+    import statistics
+
+    from torch import nn
+
+    from ddpzero_lab.comm import link
+    from ddpzero_lab.parallel.param_server import ParameterServerOptimizer
+
+    out = {}
+    for n in sizes:
+        group = None if n == dzl.world_size() else dist.new_group(list(range(n)))
+        if dzl.rank() >= n:
+            continue
+        torch.manual_seed(0)
+        model = nn.Linear(16, 16)
+        optimizer = ParameterServerOptimizer(model, lambda p: torch.optim.SGD(p, lr=0.1), group)
+        times, busy = [], []
+        for step in range(1 + steps):  # one warm-up step
+            model(torch.randn(4, 16)).square().mean().backward()
+            dist.barrier(group=group)  # plain torch: not on the emulated link
+            before, start = link.current().busy, time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad()
+            took = time.perf_counter() - start
+            if step:
+                times.append(took)
+                busy.append((link.current().busy - before) / took)
+        out[n] = (statistics.median(times), statistics.median(busy), link.current().link.name)
+    return out
+
+
+def test_a_servers_link_is_shared_by_its_workers_and_theirs_sit_idle():
+    links = {"default": WORKER_LINK, 0: SERVER_LINK}
+    with dzl.LiveCluster(world_size=4, timeout=30.0, link=links) as four:
+        per_rank = four.run(_param_server_steps, (2, 3, 4))
+    server = per_rank[0]
+    for n in (2, 3, 4):
+        # the server receives N-1 pushes, then sends N-1 pulls, one after another on its link
+        want = 2 * (n - 1) * SERVER_LINK.seconds("send", 1_200, n)
+        step, share, name = server[n]
+        assert name == "server"
+        assert want <= step <= 1.3 * want, (n, step, want)
+        assert share > 0.75, (n, share)  # the server's link is busy nearly all the step
+        for rank in range(1, n):
+            _, idle_share, name = per_rank[rank][n]
+            assert name == "worker"
+            assert idle_share < 0.5, (n, rank, idle_share)  # a worker's link: mostly idle
+    # linear in N-1: 1, 2, 3 times the two-rank step
+    assert server[3][0] / server[2][0] == pytest.approx(2, rel=0.15)
+    assert server[4][0] / server[2][0] == pytest.approx(3, rel=0.15)
+
+
+def _recv_after_the_senders_link():
+    dzl.set_link(SLOW if dzl.rank() == 0 else None)  # only the sender's link is emulated
+    try:
+        x = torch.ones(NUMEL)
+        dist.barrier()
+        start = time.perf_counter()
+        if dzl.rank() == 0:
+            comm.send(x, 1)
+        else:
+            comm.recv(x, 0)
+        return time.perf_counter() - start
+    finally:
+        dzl.set_link(None)
+
+
+def test_a_message_arrives_when_the_senders_link_has_carried_it(cluster):
+    want = SLOW.seconds("send", NUMEL * 4, 2)
+    sent, received = cluster.run(_recv_after_the_senders_link)
+    assert want <= sent <= 1.10 * want + 0.01, (sent, want)
+    assert received >= want, (received, want)  # not when the real bytes landed, much earlier
+
+
+def test_emulate_sets_a_link_for_a_block_and_gives_the_previous_one_back():
+    from ddpzero_lab.comm import link
+
+    outer = dzl.set_link(WORKER_LINK)
+    try:
+        with link.emulate(SLOW) as inner:
+            assert inner.link == SLOW and link.current().link == SLOW
+        assert link.current().link == outer
+        with link.emulate(None):  # None: the rank keeps its link
+            assert link.current().link == outer
+    finally:
+        dzl.set_link(None)
+    assert link.current() is None

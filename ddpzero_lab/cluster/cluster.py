@@ -22,7 +22,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any
 
@@ -65,7 +65,10 @@ class LiveCluster:
     start_method: "forkserver" (default where available) or "spawn"; "fork" is refused.
     link: an emulated interconnect for every collective of the workers (comm/link.py): a
         name such as "nvlink4", "ib-100g:h100" (scaled to this machine's compute), or a
-        dzl.Link; None (the default): real time.
+        dzl.Link; None (the default): real time. Per rank, a mapping from rank to link, with
+        an optional "default" for the ranks not named, e.g. a parameter server on a slower
+        link than its workers: {"default": "nvlink4:h100", 0: "eth-10g:h100"} (None as a
+        value: that rank in real time). Every rank needs a link or a default.
     """
 
     def __init__(
@@ -113,15 +116,21 @@ class LiveCluster:
         self.grace = float(grace)
         self.start_method = start_method
         self.start_timeout = float(start_timeout)
+        from ..comm import link as links
+
         if (
             link is not None
-            and not isinstance(link, str)
+            and not isinstance(link, (str, Mapping))
             and not callable(getattr(link, "spec", None))
         ):
-            raise TypeError(f"link must be a name like 'nvlink4:h100' or a dzl.Link, got {link!r}")
+            raise TypeError(
+                "link must be a name like 'nvlink4:h100', a dzl.Link, or a mapping "
+                f"{{rank: link, 'default': link}}, got {link!r}"
+            )
         self.link = link
-        # what the workers find in DDPZERO_LINK (a Link travels as its spec)
-        self._link_spec = None if link is None else link if isinstance(link, str) else link.spec()
+        # what the workers find in DDPZERO_LINK (a Link travels as its spec; per-rank links
+        # as one JSON object, each rank reading its own entry)
+        self._link_spec = links.encode(link, world_size)
         self._check_memory(world_size)
         spawn.warn_if_not_loopback(self.backend)
         self._ctx = spawn.start_context(start_method)

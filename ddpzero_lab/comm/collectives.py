@@ -566,6 +566,10 @@ def _issue(op, tensor, numel, group, async_op, tag, native, fallbacks, src, peer
     if rec is not None:
         rec.entered(*entry)
     try:
+        if not_before is not None and op == "send" and not async_op:
+            # a message reaches its receiver once the sender's link has carried it: hand it
+            # over then, so the receiver's recv cannot end before the link delivered it
+            link.sleep_until(not_before)
         work, used = _run_native(op, tensor, backend, async_op, native, fallbacks)
         if work is not None and not async_op:
             work.wait()

@@ -16,7 +16,10 @@ reproduces that ratio here:
   comm/ completes no earlier than its start + the link's time (`Emulator.complete_at`). The
   wait is a sleep, so the cores stay free for compute, as with a NIC or NVLink doing the
   transfer; the real data still moves, so results do not change. One link per rank, used by
-  one op at a time: an op launched while another is on the link starts when it is done.
+  one op at a time: an op launched while another is on the link starts when it is done;
+* ranks may have different links (`per_rank`, LiveCluster(link={"default": ..., 0: ...})):
+  one slow link, or a parameter server's own link. A rank's link carries all of its traffic,
+  so a server's single link is shared by its N-1 workers' messages, one after another.
 
 Presets (bandwidth per direction per GPU, α a typical per-message latency):
   nvlink4  450 GB/s, 3 µs   H100 SXM: 900 GB/s of NVLink per GPU, both directions together
@@ -29,10 +32,12 @@ Accelerators (dense tensor-core FLOP/s): h100 989e12 (bf16), a100 312e12 (bf16),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -127,9 +132,10 @@ class Link:
         return text
 
 
-def compute_rate(size: int = 512, repeats: int = 5) -> float:
+def compute_rate(size: int = 512, repeats: int = 20) -> float:
     """This process's float32 matmul rate, FLOP/s (the best of `repeats` size x size
-    products, with the threads torch uses here)."""
+    products, with the threads torch uses here: on a busy machine the best is the rate a
+    slice of a core gives when it is not pre-empted)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)  # warm-up
     best = float("inf")
@@ -145,6 +151,7 @@ class Emulator:
 
     def __init__(self, link: Link) -> None:
         self.link = link
+        self.busy = 0.0  # seconds this link has spent carrying ops (its utilisation's numerator)
         self._free_at = 0.0
         self._lock = threading.Lock()
 
@@ -153,8 +160,82 @@ class Emulator:
         of it on the link, plus its own time."""
         with self._lock:
             begin = max(start, self._free_at)
-            self._free_at = begin + self.link.seconds(op, nbytes, world_size)
+            took = self.link.seconds(op, nbytes, world_size)
+            self.busy += took
+            self._free_at = begin + took
             return self._free_at
+
+
+def check_spec(spec) -> None:
+    """Refuse what Link.parse would refuse, without measuring this machine (a preset's name
+    and accelerator are checked, a Link's spec is read)."""
+    if isinstance(spec, Link):
+        return
+    if not isinstance(spec, str):
+        raise TypeError(f"a link is a Link or a name like 'nvlink4:h100', got {spec!r}")
+    if spec.startswith("{"):
+        Link.parse(spec)
+        return
+    name, _, accelerator = spec.partition(":")
+    if name not in LINKS:
+        raise ValueError(f"unknown link {name!r}; one of {sorted(LINKS)}")
+    if accelerator and accelerator not in ACCELERATORS:
+        raise ValueError(f"unknown accelerator {accelerator!r}; one of {sorted(ACCELERATORS)}")
+
+
+def per_rank(links: Mapping, world_size: int) -> dict[int, str | None]:
+    """Each rank's link spec from a mapping {rank: link, "default": link} (a link: a name such
+    as "eth-10g:h100", a Link, or None for real time); every rank needs an entry or a default.
+    A scaled name stays a name: each rank scales it by its own measured compute rate."""
+    if not isinstance(links, Mapping):
+        raise TypeError(f"per-rank links are a mapping {{rank: link}}, got {links!r}")
+    for key in links:
+        if key == "default":
+            continue
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError(f"a per-rank link's key is a rank (int) or 'default', got {key!r}")
+        if not 0 <= key < world_size:
+            raise ValueError(f"link given for rank {key}, but the ranks are 0..{world_size - 1}")
+    missing = [r for r in range(world_size) if r not in links]
+    if missing and "default" not in links:
+        raise ValueError(
+            f"no link for rank(s) {missing}: give every rank a link, or a 'default' "
+            "(None: real time)"
+        )
+    chosen = {r: links.get(r, links.get("default")) for r in range(world_size)}
+    for link in chosen.values():
+        if link is not None:
+            check_spec(link)
+    return {
+        r: None if v is None else v if isinstance(v, str) else v.spec() for r, v in chosen.items()
+    }
+
+
+def encode(link, world_size: int) -> str | None:
+    """What DDPZERO_LINK holds for a cluster's `link=` argument: one link's spec, or a JSON
+    object {"ranks": {"0": spec or null, ...}} for per-rank links (None: no emulation)."""
+    if link is None:
+        return None
+    if isinstance(link, Mapping):
+        ranks = per_rank(link, world_size)
+        if all(v is None for v in ranks.values()):
+            return None
+        return json.dumps({"ranks": {str(r): v for r, v in ranks.items()}})
+    check_spec(link)
+    return link if isinstance(link, str) else link.spec()
+
+
+def _rank_spec(spec: str) -> str | None:
+    """This rank's entry when `spec` holds per-rank links; else `spec` itself."""
+    if not spec.startswith("{"):
+        return spec
+    ranks = json.loads(spec).get("ranks")
+    if ranks is None:
+        return spec
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return ranks.get(str(rank))
 
 
 _UNREAD = object()  # DDPZERO_LINK not looked at yet in this process
@@ -171,10 +252,28 @@ def set_link(link: str | Link | None) -> Link | None:
 
 def current() -> Emulator | None:
     """This rank's emulated link; at first use, the one DDPZERO_LINK names (LiveCluster's
-    `link=` sets it in its workers, torchrun jobs in their environment)."""
+    `link=` sets it in its workers, torchrun jobs in their environment), or this rank's entry
+    where it holds per-rank links (`encode`)."""
     if _emulator is _UNREAD:
-        set_link(os.environ.get("DDPZERO_LINK") or None)
+        spec = os.environ.get("DDPZERO_LINK") or None
+        set_link(None if spec is None else _rank_spec(spec))
     return _emulator
+
+
+@contextlib.contextmanager
+def emulate(link: str | Link | None):
+    """Emulate `link` on this rank inside the block, then give the rank back the link it had
+    (None: leave the rank as it is)."""
+    global _emulator
+    if link is None:
+        yield current()
+        return
+    before = current()
+    set_link(link)
+    try:
+        yield _emulator
+    finally:
+        _emulator = before
 
 
 def sleep_until(deadline: float) -> None:

@@ -5,6 +5,7 @@ this module times and counts it, runs it on several world sizes and draws the re
 Bytes are counted one direction, as sent by a rank per step, as in the rest of the course.
 The parameter server's bytes are MEASURED (the bytes handed to send/recv); the all-reduce's
 are the cost MODEL's (dzl.traffic() for a built-in collective, see comm/cost_model.py).
+Times are real, or measured under an emulated link (comm/link.py), and labelled as which.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 from torch import nn
 
 import ddpzero_lab as dzl
+from ddpzero_lab.comm import link as comm_link
 
 from .progress import progress
 
@@ -31,12 +33,24 @@ def _comm_seconds_so_far() -> float:
     return sum(c["seconds"] for c in dzl.traffic().values())
 
 
-def measure(build, local_batch, strategy, steps, step_fn, warmup=2) -> dict:
+def measure(build, local_batch, strategy, steps, step_fn, warmup=2, link=None) -> dict:
     """On a rank: bytes sent per step, and the median seconds per step and inside
     communication. The barrier before the update is plain torch (not counted): the ranks start
-    communicating together, so a slower backward does not count as communication."""
+    communicating together, so a slower backward does not count as communication.
+    link: a dzl.Link to emulate meanwhile (comm/link.py); then also the share of the update
+    this rank's link was busy."""
+    with comm_link.emulate(link):
+        return _measure(build, local_batch, strategy, steps, step_fn, warmup)
+
+
+def _link_busy() -> float:
+    emulator = comm_link.current()
+    return 0.0 if emulator is None else emulator.busy
+
+
+def _measure(build, local_batch, strategy, steps, step_fn, warmup) -> dict:
     model, optimizer, update = build(strategy, step_fn)
-    step_seconds, comm_seconds = [], []
+    step_seconds, update_seconds, comm_seconds, busy = [], [], [], []
     for step in range(warmup + steps):
         if step == warmup:
             dzl.reset_traffic()  # forget the warm-up (and parallelize's initial broadcast)
@@ -44,23 +58,28 @@ def measure(build, local_batch, strategy, steps, step_fn, warmup=2) -> dict:
         start = time.perf_counter()
         nn.functional.mse_loss(model(x), y).backward()
         dist.barrier()
-        before = _comm_seconds_so_far()
+        before, link_before = _comm_seconds_so_far(), _link_busy()
+        update_start = time.perf_counter()
         update()
         optimizer.zero_grad()
         if step >= warmup:
             step_seconds.append(time.perf_counter() - start)
+            update_seconds.append(time.perf_counter() - update_start)
             comm_seconds.append(_comm_seconds_so_far() - before)
+            busy.append(_link_busy() - link_before)
     sent = sum(c["sent"] for c in dzl.traffic().values())
     return {
         "sent": sent / steps,
         "step_s": statistics.median(step_seconds),
         "comm_s": statistics.median(comm_seconds),
+        "update_s": statistics.median(update_seconds),
+        "link_busy_s": statistics.median(busy),  # seconds this rank's link carried; 0: real time
     }
 
 
-def measure_sizes(cluster, sizes, build, local_batch, step_fn, steps) -> dict:
+def measure_sizes(cluster, sizes, build, local_batch, step_fn, steps, link=None) -> dict:
     """results[N][strategy] = one dict per rank; a smaller cluster is started for a moment
-    for each world size below the lesson's own."""
+    for each world size below the lesson's own. link: a dzl.Link every rank emulates."""
     results = {}
     for n in sizes:
         if n == cluster.world_size:
@@ -76,7 +95,8 @@ def measure_sizes(cluster, sizes, build, local_batch, step_fn, steps) -> dict:
                     s,
                     steps,
                     step_fn,
-                    dashboard=progress(f"N={n}, {s}"),
+                    link=link,
+                    dashboard=progress(f"N={n}, {s}" + (" (emulated)" if link else "")),
                 )  # fmt: skip
                 for s in STRATEGIES
             }
@@ -146,26 +166,28 @@ def step_seconds(results, strategy: str, n: int) -> float:
     return max(r["step_s"] for r in results[n][strategy])
 
 
-def one_step(build, local_batch, strategy, step_fn) -> float:
+def one_step(build, local_batch, strategy, step_fn, link=None) -> float:
     """On a rank: a warm-up step, then one more; returns when step 1's communication began."""
-    model, optimizer, update = build(strategy, step_fn)
-    for step in range(2):
-        x, y = local_batch(step)
-        nn.functional.mse_loss(model(x), y).backward()
-        dist.barrier()
-        mark = time.time()
-        update()
-        optimizer.zero_grad()
-    return mark
+    with comm_link.emulate(link):
+        model, optimizer, update = build(strategy, step_fn)
+        for step in range(2):
+            x, y = local_batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
+            dist.barrier()
+            mark = time.time()
+            update()
+            optimizer.zero_grad()
+        return mark
 
 
-def plot_one_step(cluster, build, local_batch, step_fn) -> Figure:
-    """Each counted message of one step as a bar, one row per rank, for both designs."""
+def plot_one_step(cluster, build, local_batch, step_fn, link=None) -> Figure:
+    """Each counted message of one step as a bar, one row per rank, for both designs (under
+    the emulated `link` if given: a bar ends when the link would have finished it)."""
     op_colors = {"recv": "tab:green", "send": "tab:orange", "all_reduce": "tab:blue"}
     fig = Figure(figsize=(8, 4.4), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     for ax, strategy in zip(axes, STRATEGIES, strict=True):
-        job = cluster.submit(one_step, build, local_batch, strategy, step_fn)
+        job = cluster.submit(one_step, build, local_batch, strategy, step_fn, link)
         t0 = min(job.wait())
         for e in job.events:  # every counted op emits a "collective" event with start and end
             if e.kind == "collective" and e["start"] >= t0 and e["op"] in op_colors:
@@ -176,27 +198,64 @@ def plot_one_step(cluster, build, local_batch, step_fn) -> Figure:
         ax.invert_yaxis()
     fig.legend(handles=[Patch(color=c, label=op) for op, c in op_colors.items()],
                loc="outside right upper", fontsize="small")  # fmt: skip
-    axes[-1].set_xlabel("ms since the step's communication began (measured)")
+    timing = "measured" if link is None else f"measured under {link.describe()}"
+    axes[-1].set_xlabel(f"ms since the step's communication began ({timing})")
     return fig
 
 
-def plot_times(results, predicted, far: int = 32) -> Figure:
-    """MEASURED communication ms per step beside the α-β MODEL; the model alone out to far."""
+def link_model(link, strategy: str, n: int, grad_bytes: int, push_bytes: int) -> float:
+    """The link's α-β seconds for one update: the server's N-1 receives then N-1 sends, one
+    after another on its link; a ring all-reduce of B."""
+    if strategy == "param_server":
+        return (n - 1) * (link.seconds("recv", push_bytes, n) + link.seconds("send", grad_bytes, n))
+    return link.seconds("all_reduce", grad_bytes, n)
+
+
+def emulated_table(results, link) -> dict:
+    """Print the slowest rank's median step per N and design under the emulated link, its
+    growth from the smallest N, and how busy rank 0's link and the others' were: the seconds
+    each carried traffic, as a share of the slowest rank's update. Returns {strategy: [step
+    seconds per N]}."""
     sizes = list(results)
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    print(f"measured on the live cluster under {link.describe()}")
+    print(f"{'N':>2}  {'strategy':<12} {'step [ms]':>9} {'vs N=' + str(sizes[0]):>7}  "
+          f"{'link busy: rank 0':>17} {'others':>7}")  # fmt: skip
+    steps = {s: [step_seconds(results, s, n) for n in sizes] for s in STRATEGIES}
+    for s in STRATEGIES:
+        for n, took in zip(sizes, steps[s], strict=True):
+            update = max(r["update_s"] for r in results[n][s])
+            busy = [r["link_busy_s"] / update for r in results[n][s]]
+            print(f"{n:>2}  {s:<12} {took * 1e3:>9.0f} {took / steps[s][0]:>6.2f}x  "
+                  f"{busy[0]:>17.0%} {max(busy[1:]):>7.0%}")  # fmt: skip
+    lo, hi = sizes[0], sizes[-1]
+    added = {s: (steps[s][-1] - steps[s][0]) / (hi - lo) * 1e3 for s in STRATEGIES}
+    costs = ", ".join(f"{s} +{ms:.0f} ms" for s, ms in added.items())
+    print(f"each rank added from N={lo} to {hi} cost the step: {costs}")
+    ratio = steps["param_server"][-1] / steps["all_reduce"][-1]
+    print(f"at N={hi} the server's step is {ratio:.1f}x the ring's")
+    return steps
+
+
+def plot_emulated(results, link, grad_bytes: int, push_bytes: int, far: int = 32) -> Figure:
+    """Step ms per N measured under the emulated link, beside its α-β model; the model alone
+    out to N = far."""
+    sizes = list(results)
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
     near, wide = fig.subplots(1, 2)
     for strategy, marker in (("param_server", "o"), ("all_reduce", "s")):
         color = COLORS[strategy]
-        near.plot(sizes, [comm_seconds(results, strategy, n) * 1e3 for n in sizes], marker,
-                  markersize=8, color=color, label=f"{strategy}: measured")  # fmt: skip
-        near.plot(sizes, [predicted(strategy, n) * 1e3 for n in sizes], "--", color=color,
-                  label=f"{strategy}: α-β model")  # fmt: skip
-        wide.plot(range(2, far + 1), [predicted(strategy, n) * 1e3 for n in range(2, far + 1)],
-                  "--", color=color, label=f"{strategy}: α-β model")  # fmt: skip
-    near.set(xlabel="world size N", ylabel="communication ms per step", xticks=sizes,
-             ylim=(0, None), title="this machine: measured and model")  # fmt: skip
-    wide.set(xlabel="world size N", ylabel="communication ms per step", ylim=(0, None),
-             title=f"α-β model, one link per rank, to N = {far}")  # fmt: skip
+        model = [link_model(link, strategy, n, grad_bytes, push_bytes) * 1e3 for n in sizes]
+        near.plot(sizes, [step_seconds(results, strategy, n) * 1e3 for n in sizes], marker,
+                  markersize=8, color=color, label=f"{strategy}: measured step")  # fmt: skip
+        near.plot(sizes, model, "--", color=color, label=f"{strategy}: α-β model (communication)")
+        ns = range(2, far + 1)
+        wide.plot(ns, [link_model(link, strategy, n, grad_bytes, push_bytes) * 1e3 for n in ns],
+                  "--", color=color, label=f"{strategy}: α-β model (communication)")  # fmt: skip
+    near.set(xlabel="world size N", ylabel="ms per step", xticks=sizes, ylim=(0, None),
+             title="measured on the live cluster, emulated link")  # fmt: skip
+    wide.set(xlabel="world size N", ylabel="ms per step", ylim=(0, None),
+             title=f"projection: α-β model of the link, to N = {far}")  # fmt: skip
     near.legend(fontsize="small")
     wide.legend(fontsize="small")
+    fig.suptitle(link.describe(), fontsize="medium")
     return fig

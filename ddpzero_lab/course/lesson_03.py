@@ -19,15 +19,22 @@ import torch.distributed as dist
 from torch import nn
 
 import ddpzero_lab as dzl
+from ddpzero_lab.comm.link import Link, emulate
 
 
 @dataclass(frozen=True)
 class Workload:
-    """The notebook's model, optimizer and batches (functions sent to the ranks by value)."""
+    """The notebook's model, optimizer and batches (functions sent to the ranks by value), and
+    the link every rank emulates while it is timed (a dzl.Link; None: real time)."""
 
     make_model: Callable[[], nn.Module]
     make_optimizer: Callable
     local_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    link: Link | None = None
+
+    def timing(self) -> str:
+        """What a plot or table says about its times."""
+        return "measured" if self.link is None else f"measured under {self.link.describe()}"
 
 
 def _display(fig) -> None:
@@ -43,6 +50,11 @@ def _display(fig) -> None:
 def measure(work: Workload, ddp_options: dict, steps: int, warmup: int = 2) -> dict:
     """On a rank: time `steps` training steps of dzl.DDP(options) after `warmup` ones, and
     count this rank's all-reduces per step."""
+    with emulate(work.link):
+        return _measure(work, ddp_options, steps, warmup)
+
+
+def _measure(work: Workload, ddp_options: dict, steps: int, warmup: int) -> dict:
     model = dzl.DDP(work.make_model(), **ddp_options)
     optimizer = work.make_optimizer(model.parameters())
     seconds = []
@@ -115,19 +127,31 @@ def show_three(timings: dict, world_size: int) -> None:
     _display(fig)
 
 
+def overlap_gain(timings: dict, link) -> float:
+    """Print the bucketed and overlapped DDPs' step and the gain of overlap; return the gain."""
+    gain = timings["bucketed"]["step_s"] / timings["overlapped"]["step_s"]
+    where = "in real time" if link is None else f"under {link.describe()}"
+    print(f"measured on the live cluster {where}:")
+    for label in ("bucketed", "overlapped"):
+        print(f"  {label:<11} {timings[label]['step_s'] * 1e3:6.0f} ms/step")
+    print(f"  overlap made the step {gain:.2f}x as fast")
+    return gain
+
+
 # --- one step, rank by rank ------------------------------------------------------------------
 
 
 def _traced(work: Workload, bucket_mb: float, overlap: bool, steps: int) -> None:
     # dzl.DDP sends a `step` event per step and a `collective` event per bucket
-    model = dzl.DDP(work.make_model(), bucket_cap_mb=bucket_mb, overlap=overlap)
-    optimizer = work.make_optimizer(model.parameters())
-    for step in range(steps):
-        x, y = work.local_batch(step)
-        dist.barrier()
-        nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    with emulate(work.link):
+        model = dzl.DDP(work.make_model(), bucket_cap_mb=bucket_mb, overlap=overlap)
+        optimizer = work.make_optimizer(model.parameters())
+        for step in range(steps):
+            x, y = work.local_batch(step)
+            dist.barrier()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
 
 
 def _last_step(events, rank: int, step_index: int):
@@ -154,7 +178,7 @@ def _averages(events) -> dict:
     return mean
 
 
-def _draw_timelines(traces: dict, world_size: int, last: int):
+def _draw_timelines(traces: dict, world_size: int, last: int, timing: str = "measured"):
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -180,7 +204,7 @@ def _draw_timelines(traces: dict, world_size: int, last: int):
             yticklabels=[f"rank {r}" for r in range(world_size)],
             title=f"overlap={overlap}: one step",
         )
-    axes[-1].set_xlabel("ms since the first rank began forward")
+    axes[-1].set_xlabel(f"ms since the first rank began forward ({timing})")
     handles = [
         Patch(color="0.6", label="forward + backward"),
         Patch(color="C0", label="a bucket's all-reduce\n(one lane per bucket)"),
@@ -197,7 +221,7 @@ def timelines(cluster, work: Workload, bucket_mb: float, steps: int = 6) -> dict
         job = cluster.submit(_traced, work, bucket_mb, overlap, steps)
         job.wait()
         traces[overlap] = job.events
-    _display(_draw_timelines(traces, cluster.world_size, steps - 1))
+    _display(_draw_timelines(traces, cluster.world_size, steps - 1, work.timing()))
     mean = {}
     for overlap in (False, True):
         early = []
@@ -218,41 +242,55 @@ def timelines(cluster, work: Workload, bucket_mb: float, steps: int = 6) -> dict
 # --- the bucket-size sweep ---------------------------------------------------------------------
 
 
-def sweep(cluster, work, sizes_mb, rounds: int, steps: int, naive_s: float | None = None):
-    """Time every bucket size with and without overlap (all buckets one size), print the
+def sweep(
+    cluster,
+    work,
+    sizes_mb,
+    rounds: int,
+    steps: int,
+    naive_s: float | None = None,
+    overlaps=(True, False),
+):
+    """Time every bucket size with overlap and/or without (all buckets one size), print the
     table and the spread, and plot it. Returns {(cap, overlap): result}."""
     from matplotlib.figure import Figure
 
     configs = {
         (cap, overlap): {"bucket_cap_mb": cap, "first_bucket_mb": cap, "overlap": overlap}
         for cap in sizes_mb
-        for overlap in (True, False)
+        for overlap in overlaps
     }
     result = compare(cluster, work, configs, rounds, steps, label="bucket sizes")
     ms = {key: r["step_s"] * 1e3 for key, r in result.items()}
-    print(f"{'bucket_cap_mb':>13} {'buckets':>8} {'overlap [ms]':>13} {'after backward [ms]':>20}")
+    print(f"{work.timing()}, ms per step (median, slowest rank)")
+    heads = {True: "overlap [ms]", False: "after backward [ms]"}
+    print(f"{'bucket_cap_mb':>13} {'buckets':>8} " + " ".join(f"{heads[o]:>20}" for o in overlaps))
     for cap in sizes_mb:
-        n = result[cap, True]["buckets"]
-        print(f"{cap:>13} {n:>8} {ms[cap, True]:>13.1f} {ms[cap, False]:>20.1f}")
-    for overlap in (True, False):
+        n = result[cap, overlaps[0]]["buckets"]
+        print(f"{cap:>13} {n:>8} " + " ".join(f"{ms[cap, o]:>20.1f}" for o in overlaps))
+    for overlap in overlaps:
         row = [ms[cap, overlap] for cap in sizes_mb]
-        print(f"overlap={overlap!s:<5}: bucket size changed the step {max(row) / min(row):.2f}x")
+        best = sizes_mb[row.index(min(row))]
+        print(f"overlap={overlap!s:<5}: bucket size changed the step {max(row) / min(row):.2f}x; "
+              f"fastest at {best} MiB")  # fmt: skip
     fig = Figure(figsize=(7.5, 3.6), layout="constrained")
     ax = fig.subplots()
     for overlap, style, color in ((True, "o-", "tab:blue"), (False, "s--", "tab:orange")):
+        if overlap not in overlaps:
+            continue
         label = "during backward" if overlap else "after backward"
         ax.plot(sizes_mb, [ms[c, overlap] for c in sizes_mb], style, color=color, label=label)
     for cap in sizes_mb:
-        n = result[cap, True]["buckets"]
-        ax.annotate(str(n), (cap, ms[cap, True]), textcoords="offset points", xytext=(0, 7))
+        n = result[cap, overlaps[0]]["buckets"]
+        ax.annotate(str(n), (cap, ms[cap, overlaps[0]]), textcoords="offset points", xytext=(0, 7))
     if naive_s is not None:
         ax.axhline(naive_s * 1e3, color="tab:red", ls=":", label="naive (one per tensor)")
     ax.set(
         xscale="log",
         xlabel="bucket_cap_mb (numbers: buckets per step)",
         ylabel="ms per step",
-        ylim=(0, None),
-        title="time per step against bucket size, this machine",
+        ylim=(0, max(ms.values()) * 1.15),  # room for the bucket counts
+        title="time per step against bucket size\n" + work.timing(),
     )
     ax.legend(fontsize="small", loc="lower left")
     _display(fig)
