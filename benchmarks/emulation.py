@@ -28,7 +28,7 @@ from torch import nn
 import ddpzero_lab as dzl
 from ddpzero_lab import comm
 from ddpzero_lab.comm.link import Link
-from ddpzero_lab.projection import profile_step, project_one
+from ddpzero_lab.projection import profile_step, project_one, slowest_rank, time_steps
 
 LINK = Link(latency=1e-4, bandwidth=1e9, name="1 GB/s, 100 µs")
 # the projection on two links: one where communication dominates the step, one where compute
@@ -82,22 +82,9 @@ def _step_error(strategy: str, steps: int, link: Link) -> tuple[float, float]:
     model, opt = dzl.parallelize(
         _model(), strategy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), track_memory=False
     )
-    dzl.set_link(link)
-    times = []
-    try:
-        for _ in range(steps + 1):
-            x, y = _batch()
-            dist.barrier()
-            start = time.perf_counter()
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - start)
-    finally:
-        dzl.set_link(None)
-    took = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
-    dist.all_reduce(took, op=dist.ReduceOp.MAX)
-    return took.item(), project_one(profile, strategy, dzl.world_size(), link).step_s
+    seconds = time_steps(model, opt, lambda step: _batch(), link, steps)
+    projected = project_one(profile, strategy, dzl.world_size(), link).step_s
+    return slowest_rank(statistics.median(seconds)), projected
 
 
 def _spread(values) -> str:

@@ -167,6 +167,47 @@ def profile_step(
     return StepProfile(profiles, median(stepping), element)
 
 
+def time_steps(
+    model: nn.Module,
+    optimizer,
+    batch: Callable[[int], tuple],
+    link: str | Link | None = None,
+    steps: int = 3,
+    loss: Callable = nn.functional.mse_loss,
+) -> list[float]:
+    """Inside a rank: the seconds of `steps` training steps of an already parallelized `model`
+    (one warm-up step first, left out), with every collective through comm/ under `link`
+    (None: as the rank is, real time unless a link is set). `batch(step)` returns (inputs,
+    targets) for this rank. Each step starts
+    on every rank together, after a plain torch barrier (neither counted nor emulated), so a
+    rank's time is its own step's, not its wait for the others: what `project` predicts."""
+    import torch.distributed as dist
+
+    from .comm.link import emulate
+
+    seconds = []
+    with emulate(link):
+        for step in range(steps + 1):
+            x, y = batch(step)
+            dist.barrier()
+            start = time.perf_counter()
+            loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seconds.append(time.perf_counter() - start)
+    return seconds[1:]
+
+
+def slowest_rank(seconds: float) -> float:
+    """Inside a rank: the largest of every rank's `seconds` (a step ends when its slowest rank
+    ends), on every rank; a plain torch all-reduce, neither counted nor emulated."""
+    import torch.distributed as dist
+
+    took = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return took.item()
+
+
 class _Link:
     """One rank's link in the replay: ops in issue order, one at a time."""
 

@@ -9,7 +9,13 @@ from torch import nn
 
 import ddpzero_lab as dzl
 from ddpzero_lab.comm.link import Link
-from ddpzero_lab.projection import StepProfile, UnitProfile, profile_step, project_one
+from ddpzero_lab.projection import (
+    StepProfile,
+    UnitProfile,
+    profile_step,
+    project_one,
+    time_steps,
+)
 
 # 1 GB/s, no latency: a byte costs 1 ns, so 1e6 bytes cost 1 ms on the link
 LINK = Link(latency=0.0, bandwidth=1e9)
@@ -104,29 +110,13 @@ def _batch():
 
 
 def _measured_and_projected(strategy: str):
-    import time
-
-    import torch.distributed as dist
-
     link = Link(latency=1e-4, bandwidth=2.5e7)  # communication dominates the step
     profile = profile_step(_model(), _batch, steps=3)
     model, opt = dzl.parallelize(
         _model(), strategy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), track_memory=False
     )
-    dzl.set_link(link)
-    times = []
-    try:
-        for _ in range(4):
-            x, y = _batch()
-            dist.barrier()
-            start = time.perf_counter()
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - start)
-    finally:
-        dzl.set_link(None)
-    return sorted(times[1:])[1], project_one(profile, strategy, dzl.world_size(), link).step_s
+    seconds = time_steps(model, opt, lambda step: _batch(), link, steps=3)
+    return sorted(seconds)[1], project_one(profile, strategy, dzl.world_size(), link).step_s
 
 
 def test_the_projection_agrees_with_emulated_runs_of_the_live_cluster():

@@ -33,14 +33,17 @@ def _comm_seconds_so_far() -> float:
     return sum(c["seconds"] for c in dzl.traffic().values())
 
 
-def measure(build, local_batch, strategy, steps, step_fn, warmup=2, link=None) -> dict:
+def measure(
+    build, local_batch, strategy, steps, step_fn, warmup=2, link=None, compute_s=0.0
+) -> dict:
     """On a rank: bytes sent per step, and the median seconds per step and inside
     communication. The barrier before the update is plain torch (not counted): the ranks start
     communicating together, so a slower backward does not count as communication.
     link: a dzl.Link to emulate meanwhile (comm/link.py); then also the share of the update
-    this rank's link was busy."""
+    this rank's link was busy. compute_s: seconds each rank sleeps after backward, standing in
+    for its own accelerator's forward and backward (`stand_in_compute`)."""
     with comm_link.emulate(link):
-        return _measure(build, local_batch, strategy, steps, step_fn, warmup)
+        return _measure(build, local_batch, strategy, steps, step_fn, warmup, compute_s)
 
 
 def _link_busy() -> float:
@@ -48,7 +51,7 @@ def _link_busy() -> float:
     return 0.0 if emulator is None else emulator.busy
 
 
-def _measure(build, local_batch, strategy, steps, step_fn, warmup) -> dict:
+def _measure(build, local_batch, strategy, steps, step_fn, warmup, compute_s=0.0) -> dict:
     model, optimizer, update = build(strategy, step_fn)
     step_seconds, update_seconds, comm_seconds, busy = [], [], [], []
     for step in range(warmup + steps):
@@ -57,6 +60,8 @@ def _measure(build, local_batch, strategy, steps, step_fn, warmup) -> dict:
         x, y = local_batch(step)
         start = time.perf_counter()
         nn.functional.mse_loss(model(x), y).backward()
+        if compute_s:
+            time.sleep(compute_s)  # the accelerator's own compute: no core of this machine
         dist.barrier()
         before, link_before = _comm_seconds_so_far(), _link_busy()
         update_start = time.perf_counter()
@@ -77,9 +82,12 @@ def _measure(build, local_batch, strategy, steps, step_fn, warmup) -> dict:
     }
 
 
-def measure_sizes(cluster, sizes, build, local_batch, step_fn, steps, link=None) -> dict:
+def measure_sizes(
+    cluster, sizes, build, local_batch, step_fn, steps, link=None, compute_s=0.0
+) -> dict:
     """results[N][strategy] = one dict per rank; a smaller cluster is started for a moment
-    for each world size below the lesson's own. link: a dzl.Link every rank emulates."""
+    for each world size below the lesson's own. link: a dzl.Link every rank emulates;
+    compute_s: each rank's compute stand-in (`measure`)."""
     results = {}
     for n in sizes:
         if n == cluster.world_size:
@@ -96,6 +104,7 @@ def measure_sizes(cluster, sizes, build, local_batch, step_fn, steps, link=None)
                     steps,
                     step_fn,
                     link=link,
+                    compute_s=compute_s,
                     dashboard=progress(f"N={n}, {s}" + (" (emulated)" if link else "")),
                 )  # fmt: skip
                 for s in STRATEGIES
@@ -203,6 +212,19 @@ def plot_one_step(cluster, build, local_batch, step_fn, link=None) -> Figure:
     return fig
 
 
+def stand_in_compute(model: nn.Module, samples: int, link, mfu: float = 0.5) -> float:
+    """Seconds an accelerator of its own would take, at this machine's speed, for a rank's
+    forward and backward of `samples` samples: 6·Ψ FLOPs per sample (forward 2, backward 4)
+    at `mfu` of the compute rate the scaled `link` measured here (its accelerator's FLOP/s over
+    its scale). On a cluster each rank computes on its own GPU at once; here N ranks share a
+    few cores, so the lesson sleeps that long instead, as the link sleeps for its transfers."""
+    if link.accelerator is None:
+        raise ValueError("a compute stand-in needs a link scaled to an accelerator")
+    here = comm_link.ACCELERATORS[link.accelerator] / link.scale  # FLOP/s of this machine
+    psi = sum(p.numel() for p in model.parameters())
+    return 6 * psi * samples / (mfu * here)
+
+
 def link_model(link, strategy: str, n: int, grad_bytes: int, push_bytes: int) -> float:
     """The link's α-β seconds for one update: the server's N-1 receives then N-1 sends, one
     after another on its link; a ring all-reduce of B."""
@@ -236,21 +258,26 @@ def emulated_table(results, link) -> dict:
     return steps
 
 
-def plot_emulated(results, link, grad_bytes: int, push_bytes: int, far: int = 32) -> Figure:
-    """Step ms per N measured under the emulated link, beside its α-β model; the model alone
-    out to N = far."""
+def plot_emulated(
+    results, link, grad_bytes: int, push_bytes: int, far: int = 32, compute_s: float = 0.0
+) -> Figure:
+    """Step ms per N measured under the emulated link, beside its α-β model (plus the
+    compute stand-in); the model alone out to N = far."""
+    what = "compute + α-β model" if compute_s else "α-β model (communication)"
     sizes = list(results)
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     near, wide = fig.subplots(1, 2)
     for strategy, marker in (("param_server", "o"), ("all_reduce", "s")):
         color = COLORS[strategy]
-        model = [link_model(link, strategy, n, grad_bytes, push_bytes) * 1e3 for n in sizes]
+        model = [
+            (compute_s + link_model(link, strategy, n, grad_bytes, push_bytes)) * 1e3 for n in sizes
+        ]
         near.plot(sizes, [step_seconds(results, strategy, n) * 1e3 for n in sizes], marker,
                   markersize=8, color=color, label=f"{strategy}: measured step")  # fmt: skip
-        near.plot(sizes, model, "--", color=color, label=f"{strategy}: α-β model (communication)")
+        near.plot(sizes, model, "--", color=color, label=f"{strategy}: {what}")
         ns = range(2, far + 1)
-        wide.plot(ns, [link_model(link, strategy, n, grad_bytes, push_bytes) * 1e3 for n in ns],
-                  "--", color=color, label=f"{strategy}: α-β model (communication)")  # fmt: skip
+        wide.plot(ns, [(compute_s + link_model(link, strategy, n, grad_bytes, push_bytes)) * 1e3
+                       for n in ns], "--", color=color, label=f"{strategy}: {what}")  # fmt: skip
     near.set(xlabel="world size N", ylabel="ms per step", xticks=sizes, ylim=(0, None),
              title="measured on the live cluster, emulated link")  # fmt: skip
     wide.set(xlabel="world size N", ylabel="ms per step", ylim=(0, None),

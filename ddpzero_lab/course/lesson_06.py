@@ -241,10 +241,8 @@ def scaled_link(cluster, name: str = "nvlink4", accelerator: str = "h100"):
 
 def _zero2_steps_on_rank(make_model, make_optimizer, batch, bucket_cap_mb, link, steps, overlap):
     """Seconds per ZeRO-2 step on this rank under `link` (the first step, a warm-up, left out)."""
-    import torch.distributed as dist
-    from torch import nn
-
-    from .. import device, parallelize, set_link
+    from .. import device, parallelize
+    from ..projection import time_steps
 
     model, optimizer = parallelize(
         make_model().to(device()),
@@ -254,20 +252,7 @@ def _zero2_steps_on_rank(make_model, make_optimizer, batch, bucket_cap_mb, link,
         overlap=overlap,
         track_memory=False,
     )
-    set_link(link)
-    try:
-        seconds = []
-        for step in range(steps + 1):
-            x, y = batch(step)
-            dist.barrier()  # not through comm/: not emulated; the ranks start each step together
-            start = time.perf_counter()
-            nn.functional.mse_loss(model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            seconds.append(time.perf_counter() - start)
-    finally:
-        set_link(None)
-    return seconds[1:]
+    return time_steps(model, optimizer, batch, link, steps)
 
 
 def time_overlap(

@@ -11,7 +11,6 @@ a result: the notebook's cells do.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import replace
 
 import torch
@@ -42,10 +41,8 @@ def scaled_like(name: str, like: Link) -> Link:
 def measure_step(strategy: str, make_model, batch, link: Link, steps: int = 3, **options):
     """Inside a rank: the median seconds of `steps` training steps (after one warm-up) of
     `strategy` with every collective under `link`; the slowest rank's median, on every rank."""
-    import torch.distributed as dist
-
-    from .. import comm
     from ..parallel.api import parallelize
+    from ..projection import slowest_rank, time_steps
 
     model, opt = parallelize(
         make_model(),
@@ -54,22 +51,8 @@ def measure_step(strategy: str, make_model, batch, link: Link, steps: int = 3, *
         track_memory=False,
         **options,
     )
-    comm.set_link(link)
-    times = []
-    try:
-        for _ in range(steps + 1):
-            x, y = batch()
-            dist.barrier()  # not counted and not emulated: every rank starts together
-            start = time.perf_counter()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - start)
-    finally:
-        comm.set_link(None)
-    took = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
-    dist.all_reduce(took, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
-    return took.item()
+    seconds = time_steps(model, opt, lambda step: batch(), link, steps)
+    return slowest_rank(statistics.median(seconds))
 
 
 def error_table(measured: dict, projected: dict, link: Link) -> dict:
